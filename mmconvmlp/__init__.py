@@ -1,0 +1,10 @@
+"""mmconvmlp: ConvMLP backbones for MMDetection 3.x and MMSegmentation 1.x.
+
+Importing the package registers ``ConvMLP`` in mmengine's root model registry, which every
+OpenMMLab 2.x scope falls back to. In a config:
+``custom_imports = dict(imports=['mmconvmlp'], allow_failed_imports=False)``.
+"""
+from .models import ConvMLP
+
+__version__ = '0.1.0'
+__all__ = ['ConvMLP', '__version__']

@@ -1,0 +1,262 @@
+"""ConvMLP (Li et al., 2021) in plain PyTorch: the one implementation behind both the
+OpenMMLab backbone (:class:`mmconvmlp.models.ConvMLP`) and the timm models.
+
+Layout of the network and of its four feature taps (strides 4, 8, 16, 32)::
+
+    image (B, 3, H, W)
+      tokenizer        3x [3x3 conv, BN, ReLU], 3x3 max-pool      -> tap 0, stride 4,  C
+      conv_stages      residual bottlenecks, 3x3 s2 conv          -> tap 1, stride 8,  D0
+      stages[0]        ConvMLP blocks at D0, 3x3 s2 conv -> D1    -> tap 2, stride 16, D1
+      stages[1]        ConvMLP blocks at D1, 3x3 s2 conv -> D2       (not tapped)
+      stages[2]        ConvMLP blocks at D2                       -> tap 3, stride 32, D2
+
+The convolutional front end runs in ``torch.channels_last`` memory format, and the MLP
+stages work on channels-last ``(B, H, W, C)`` tensors end to end: a ``(B, C, H, W)`` view of
+such a tensor *is* channels-last memory, so the depthwise and downsampling convolutions take
+it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``.
+
+Module and parameter names follow the authors' released ImageNet checkpoints, which therefore
+load as they are.
+"""
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from timm.layers import DropPath
+from torch.utils.checkpoint import checkpoint
+
+NormLayer = Callable[[int], nn.Module]
+
+#: The paper's three models. ``blocks``/``widths``/``mlp_ratios`` describe the three MLP
+#: stages, ``stem_width`` the tokenizer output and ``conv_blocks`` the convolutional stage.
+ARCH_SETTINGS: Dict[str, Dict] = {
+    's': dict(blocks=(2, 4, 2), widths=(128, 256, 512), mlp_ratios=(2, 2, 2),
+              stem_width=64, conv_blocks=2),
+    'm': dict(blocks=(3, 6, 3), widths=(128, 256, 512), mlp_ratios=(3, 3, 3),
+              stem_width=64, conv_blocks=3),
+    'l': dict(blocks=(4, 8, 3), widths=(192, 384, 768), mlp_ratios=(3, 3, 3),
+              stem_width=96, conv_blocks=3),
+}
+ARCH_KEYS = ('blocks', 'widths', 'mlp_ratios', 'stem_width', 'conv_blocks')
+NUM_TAPS = 4
+#: The parts that ``frozen_stages`` counts: 0 tokenizer, 1 conv stage, 2-4 MLP stages.
+NUM_PARTS = 5
+
+
+def resolve_arch(arch: Union[str, Mapping]) -> Dict:
+    """Return the settings of ``arch``: a name in :data:`ARCH_SETTINGS` or a dict with
+    exactly the keys of :data:`ARCH_KEYS`. Raises ``ValueError`` naming what is valid."""
+    if isinstance(arch, str):
+        settings = ARCH_SETTINGS.get(arch.lower())
+        if settings is None:
+            raise ValueError(
+                f'Unknown ConvMLP arch {arch!r}: use one of {sorted(ARCH_SETTINGS)} or a dict '
+                f'with the keys {list(ARCH_KEYS)}.')
+        return dict(settings)
+    if not isinstance(arch, Mapping):
+        raise TypeError(f'ConvMLP arch must be a str or a dict, not {type(arch).__name__}.')
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    unknown = [k for k in arch if k not in ARCH_KEYS]
+    if missing or unknown:
+        raise ValueError(f'Custom ConvMLP arch {dict(arch)}: missing keys {missing}, unknown '
+                         f'keys {unknown}; it needs exactly {list(ARCH_KEYS)}.')
+    for key in ('blocks', 'widths', 'mlp_ratios'):
+        if len(arch[key]) != 3:
+            raise ValueError(f'Custom ConvMLP arch: {key!r} needs one value per MLP stage '
+                             f'(3 values), got {arch[key]!r}.')
+    return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
+
+
+def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, stride: int,
+                 norm_layer: NormLayer) -> List[nn.Module]:
+    return [nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=False),
+            norm_layer(out_ch), nn.ReLU(inplace=True)]
+
+
+class Tokenizer(nn.Module):
+    """(B, 3, H, W) -> (B, C, H/4, W/4): three 3x3 conv-BN-ReLU (the first with stride 2),
+    then a 3x3 stride-2 max-pool."""
+
+    def __init__(self, stem_width: int, norm_layer: NormLayer):
+        super().__init__()
+        half = stem_width // 2
+        self.block = nn.Sequential(
+            *conv_bn_relu(3, half, 3, 2, norm_layer),
+            *conv_bn_relu(half, half, 3, 1, norm_layer),
+            *conv_bn_relu(half, stem_width, 3, 1, norm_layer),
+            nn.MaxPool2d(3, stride=2, padding=1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class ConvStage(nn.Module):
+    """(B, C, H, W) -> (B, D0, H/2, W/2): residual bottlenecks x + f(x) at width C with
+    f = 1x1 C->D0, 3x3 D0->D0, 1x1 D0->C (each conv-BN-ReLU), then a 3x3 stride-2 conv."""
+
+    def __init__(self, num_blocks: int, width: int, hidden: int, out_width: int,
+                 norm_layer: NormLayer, with_cp: bool = False):
+        super().__init__()
+        self.with_cp = with_cp
+        self.conv_blocks = nn.ModuleList(
+            nn.Sequential(*conv_bn_relu(width, hidden, 1, 1, norm_layer),
+                          *conv_bn_relu(hidden, hidden, 3, 1, norm_layer),
+                          *conv_bn_relu(hidden, width, 1, 1, norm_layer))
+            for _ in range(num_blocks))
+        self.downsample = nn.Conv2d(width, out_width, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.conv_blocks:
+            x = x + run_block(block, x, self.with_cp and self.training)
+        return self.downsample(x)
+
+
+class ChannelMLP(nn.Module):
+    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C."""
+
+    def __init__(self, width: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(width, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class ConvMLPBlock(nn.Module):
+    """(B, H, W, C) -> (B, H, W, C): channel MLP, 3x3 depthwise conv, channel MLP, each
+    behind its own LayerNorm; the two MLPs are residual, the depthwise conv is not."""
+
+    def __init__(self, width: int, hidden: int, drop_path: float = 0.):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.channel_mlp1 = ChannelMLP(width, hidden)
+        self.connect_norm = nn.LayerNorm(width)
+        self.connect = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.norm2 = nn.LayerNorm(width)
+        self.channel_mlp2 = ChannelMLP(width, hidden)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.channel_mlp1(self.norm1(x)))
+        x = channels_last_conv(self.connect, self.connect_norm(x))
+        return x + self.drop_path(self.channel_mlp2(self.norm2(x)))
+
+
+class ConvDownsample(nn.Module):
+    """(B, H, W, Cin) -> (B, ceil(H/2), ceil(W/2), Cout) with a 3x3 stride-2 conv."""
+
+    def __init__(self, in_width: int, out_width: int):
+        super().__init__()
+        self.downsample = nn.Conv2d(in_width, out_width, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return channels_last_conv(self.downsample, x)
+
+
+class ConvMLPStage(nn.Module):
+    """(B, H, W, D) -> (B, H, W, D), or (B, H/2, W/2, D_next) when it downsamples."""
+
+    def __init__(self, num_blocks: int, width: int, hidden: int, out_width: int = 0,
+                 drop_path_rates: Sequence[float] = (), with_cp: bool = False):
+        super().__init__()
+        self.with_cp = with_cp
+        rates = list(drop_path_rates) or [0.] * num_blocks
+        self.blocks = nn.ModuleList(
+            ConvMLPBlock(width, hidden, rate) for rate in rates)
+        self.downsample_mlp = ConvDownsample(width, out_width) if out_width else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        use_cp = self.with_cp and self.training
+        for block in self.blocks:
+            x = run_block(block, x, use_cp)
+        if self.downsample_mlp is not None:
+            x = self.downsample_mlp(x)
+        return x
+
+
+def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """Apply ``conv`` to a (B, H, W, C) tensor and return (B, H', W', C'); the permutes are
+    views, so contiguous channels-last memory goes in and comes out without a copy."""
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
+    """``block(x)``, recomputed in the backward pass instead of stored when asked."""
+    if use_checkpoint:
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
+
+
+def init_from_scratch(module: nn.Module) -> None:
+    """The authors' initialisation for training from scratch."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=.02)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode='fan_out', nonlinearity='relu')
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, (nn.LayerNorm, nn.modules.batchnorm._NormBase)) \
+            and module.weight is not None:
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def per_stage_drop_path_rates(blocks: Sequence[int], drop_path_rate: float) -> List[List[float]]:
+    """The authors' schedule: within each stage, rates rise linearly from 0 to the maximum."""
+    return [torch.linspace(0, drop_path_rate, n).tolist() for n in blocks]
+
+
+class ConvMLPFeatures(nn.Module):
+    """The ConvMLP network without its classifier: tokenizer, convolutional stage and three
+    MLP stages. :meth:`forward_taps` yields the four feature maps of the spec."""
+
+    def __init__(self, arch: Union[str, Mapping] = 's', drop_path_rate: float = 0.1,
+                 norm_layer: NormLayer = nn.BatchNorm2d, with_cp: bool = False):
+        super().__init__()
+        self.arch_settings = settings = resolve_arch(arch)
+        blocks, widths = settings['blocks'], settings['widths']
+        stem = settings['stem_width']
+        self.tokenizer = Tokenizer(stem, norm_layer)
+        self.conv_stages = ConvStage(settings['conv_blocks'], stem, widths[0], widths[0],
+                                     norm_layer, with_cp)
+        rates = per_stage_drop_path_rates(blocks, drop_path_rate)
+        self.stages = nn.ModuleList(
+            ConvMLPStage(blocks[i], widths[i], int(widths[i] * settings['mlp_ratios'][i]),
+                         out_width=widths[i + 1] if i + 1 < len(widths) else 0,
+                         drop_path_rates=rates[i], with_cp=with_cp)
+            for i in range(len(blocks)))
+        #: Channels of the four taps, in order.
+        self.tap_channels: Tuple[int, ...] = (stem, widths[0], widths[1], widths[2])
+        self.apply(init_from_scratch)
+
+    def parts(self) -> List[nn.Module]:
+        """The parts that ``frozen_stages`` counts, in order."""
+        return [self.tokenizer, self.conv_stages, *self.stages]
+
+    def forward_taps(self, x: torch.Tensor, last: int = NUM_TAPS - 1
+                     ) -> Iterator[Tuple[int, torch.Tensor]]:
+        """Yield ``(index, map)`` for taps 0..``last``; maps are channels-last-memory
+        (B, C, H, W) views. Stops computing after tap ``last``."""
+        x = self.tokenizer(x.contiguous(memory_format=torch.channels_last))
+        yield 0, x
+        if last < 1:
+            return
+        x = self.conv_stages(x)
+        yield 1, x
+        if last < 2:
+            return
+        x = self.stages[0](x.permute(0, 2, 3, 1))
+        yield 2, x.permute(0, 3, 1, 2)
+        if last < 3:
+            return
+        x = self.stages[2](self.stages[1](x))
+        yield 3, x.permute(0, 3, 1, 2)
+
+    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) -> the last stage's (B, H/32, W/32, D2) map, channels last."""
+        for _, tap in self.forward_taps(x):
+            pass
+        return tap.permute(0, 2, 3, 1)
