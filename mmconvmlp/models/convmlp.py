@@ -18,10 +18,12 @@ it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``
 Module and parameter names follow the authors' released ImageNet checkpoints, which therefore
 load as they are.
 """
-from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
+from contextlib import contextmanager, nullcontext
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
@@ -73,6 +75,58 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, stride: int,
             norm_layer(out_ch), nn.ReLU(inplace=True)]
 
 
+class ConvNormReLUStack(nn.Sequential):
+    """``[conv, norm, ReLU] * n`` then optional trailing layers, as a flat ``nn.Sequential``
+    (so parameter names are ``{0,3,6}.weight`` for the convs, ``{1,4,7}.*`` for the norms).
+
+    Takes and returns channels-last-memory (B, C, H, W). Where a BatchNorm uses its running
+    statistics (eval mode, ``norm_eval``, frozen stages) it is folded into the convolution's
+    weights instead of making its own pass over the activations; gradients still reach all
+    parameters. 1x1 convolutions run as a matrix product over the channels-last memory."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        num_triples = len(self) // 3
+        for i in range(num_triples):
+            conv, norm, act = self[3 * i], self[3 * i + 1], self[3 * i + 2]
+            if uses_running_stats(norm):
+                weight, bias = fold_batchnorm(conv, norm)
+                x = conv_channels_last(conv, x, weight, bias)
+            else:
+                x = norm(conv_channels_last(conv, x, conv.weight, conv.bias))
+            x = act(x)
+        for layer in list(self)[3 * num_triples:]:
+            x = layer(x)
+        return x
+
+
+def uses_running_stats(norm: nn.Module) -> bool:
+    return (isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training
+            and norm.running_mean is not None)
+
+
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` as one convolution, for a BatchNorm in eval mode."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    shift = -norm.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    return conv.weight * scale.view(-1, 1, 1, 1), shift
+
+
+def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+                       bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv``'s geometry with the given weight and bias on channels-last-memory
+    (B, C, H, W); a pointwise conv becomes one matrix product over the (B, H, W, C) memory."""
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1:
+        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 class Tokenizer(nn.Module):
     """(B, 3, H, W) -> (B, C, H/4, W/4): three 3x3 conv-BN-ReLU (the first with stride 2),
     then a 3x3 stride-2 max-pool."""
@@ -80,7 +134,7 @@ class Tokenizer(nn.Module):
     def __init__(self, stem_width: int, norm_layer: NormLayer):
         super().__init__()
         half = stem_width // 2
-        self.block = nn.Sequential(
+        self.block = ConvNormReLUStack(
             *conv_bn_relu(3, half, 3, 2, norm_layer),
             *conv_bn_relu(half, half, 3, 1, norm_layer),
             *conv_bn_relu(half, stem_width, 3, 1, norm_layer),
@@ -99,9 +153,9 @@ class ConvStage(nn.Module):
         super().__init__()
         self.with_cp = with_cp
         self.conv_blocks = nn.ModuleList(
-            nn.Sequential(*conv_bn_relu(width, hidden, 1, 1, norm_layer),
-                          *conv_bn_relu(hidden, hidden, 3, 1, norm_layer),
-                          *conv_bn_relu(hidden, width, 1, 1, norm_layer))
+            ConvNormReLUStack(*conv_bn_relu(width, hidden, 1, 1, norm_layer),
+                              *conv_bn_relu(hidden, hidden, 3, 1, norm_layer),
+                              *conv_bn_relu(hidden, width, 1, 1, norm_layer))
             for _ in range(num_blocks))
         self.downsample = nn.Conv2d(width, out_width, 3, stride=2, padding=1)
 
@@ -183,10 +237,30 @@ def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """``block(x)``, recomputed in the backward pass instead of stored when asked."""
+    """``block(x)``, recomputed in the backward pass instead of stored when asked. The
+    recomputation leaves BatchNorm running statistics alone, so they end up as without it."""
     if use_checkpoint:
-        return checkpoint(block, x, use_reentrant=False)
+        return checkpoint(block, x, use_reentrant=False,
+                          context_fn=lambda: (nullcontext(), running_stats_frozen(block)))
     return block(x)
+
+
+@contextmanager
+def running_stats_frozen(module: nn.Module) -> Iterator[None]:
+    """Within the context, training-mode BatchNorms in ``module`` normalise with batch
+    statistics as usual but do not update their running statistics."""
+    norms = [m for m in module.modules()
+             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
+             and m.running_mean is not None]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)
 
 
 def init_from_scratch(module: nn.Module) -> None:
@@ -231,6 +305,8 @@ class ConvMLPFeatures(nn.Module):
         #: Channels of the four taps, in order.
         self.tap_channels: Tuple[int, ...] = (stem, widths[0], widths[1], widths[2])
         self.apply(init_from_scratch)
+        # Convolution weights in channels-last memory too, so no call reorders them.
+        self.to(memory_format=torch.channels_last)
 
     def parts(self) -> List[nn.Module]:
         """The parts that ``frozen_stages`` counts, in order."""

@@ -1,0 +1,110 @@
+"""Time the mmconvmlp backbone against a plain implementation in the authors' layout.
+
+Both models hold the same weights; the script prints one table with, per case, the median
+time of each, the speed-up and how far the outputs of the two differ.
+
+    python tools/benchmark_backbone.py                 # ConvMLP-S, the two cases below
+    python tools/benchmark_backbone.py --arch l --repeats 10 --device cuda
+
+Cases: inference on 1x3x800x1216 (eval mode, no gradients) and a training step (forward,
+backward) on 2x3x512x512.
+"""
+import argparse
+import statistics
+import time
+from typing import Callable, List
+
+import torch
+
+from mmconvmlp.models import ConvMLP
+from mmconvmlp.testing import ReferenceConvMLP
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--arch', default='s', choices=['s', 'm', 'l'])
+    parser.add_argument('--repeats', type=int, default=5, help='timed runs per case and model')
+    parser.add_argument('--warmup', type=int, default=1, help='untimed runs first')
+    parser.add_argument('--threads', type=int, default=None,
+                        help='torch CPU threads (default: torch\'s own choice)')
+    parser.add_argument('--device', default='cpu')
+    return parser.parse_args()
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: List[Callable[[], None]], repeats: int, warmup: int,
+                     device: torch.device) -> List[float]:
+    """Median seconds of each function; the runs alternate so drift hits both alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, bucket in zip(fns, times):
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            bucket.append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def relative_difference(outs, refs) -> float:
+    return max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, refs))
+
+
+def main() -> None:
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    ours = ConvMLP(arch=args.arch).to(device)
+    reference = ReferenceConvMLP(arch=args.arch).to(device)
+    reference.load_state_dict(ours.state_dict())
+
+    rows = []
+    # Inference.
+    x = torch.randn(1, 3, 800, 1216, device=device)
+    ours.eval()
+    reference.eval()
+    with torch.no_grad():
+        diff = relative_difference(ours(x), reference(x))
+
+        def infer(model):
+            return lambda: model(x)
+        t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats,
+                                         args.warmup, device)
+    rows.append(('inference', '1x3x800x1216', t_ref, t_ours, f'{diff:.1e}'))
+
+    # Training step.
+    x = torch.randn(2, 3, 512, 512, device=device)
+    ours.train()
+    reference.train()
+
+    def train_step(model):
+        def step():
+            model.zero_grad(set_to_none=True)
+            sum(out.mean() for out in model(x)).backward()
+        return step
+    t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)], args.repeats,
+                                     args.warmup, device)
+    rows.append(('train step (fwd+bwd)', '2x3x512x512', t_ref, t_ours, '-'))
+
+    print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
+          f'torch {torch.__version__}), median of {args.repeats} runs\n')
+    header = ('case', 'input', 'authors\' layout', 'mmconvmlp', 'speed-up', 'max rel. diff')
+    lines = [header] + [(case, shape, f'{a * 1e3:.0f} ms', f'{b * 1e3:.0f} ms', f'{a / b:.2f}x', d)
+                        for case, shape, a, b, d in rows]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for n, line in enumerate(lines):
+        print('| ' + ' | '.join(cell.ljust(w) for cell, w in zip(line, widths)) + ' |')
+        if n == 0:
+            print('|' + '|'.join('-' * (w + 2) for w in widths) + '|')
+
+
+if __name__ == '__main__':
+    main()
