@@ -1,0 +1,175 @@
+"""ConvMLP as timm models: registration, the paper's classifier, local pretrained weights,
+``features_only`` maps, and use inside mmseg's ``TIMMBackbone``."""
+import os.path as osp
+import runpy
+
+import pytest
+import timm
+import torch
+
+import mmconvmlp  # noqa: F401  (registers convmlp_s/m/l with timm)
+from mmconvmlp.models import ConvMLP, ConvMLPFeatures, load_convmlp_weights
+from mmconvmlp.models.timm_models import CHECKPOINT_URLS, ConvMLPClassifier
+from random_weights import randomize_
+
+ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
+STRIDES = (4, 8, 16, 32)
+CHANNELS = {'s': (64, 128, 256, 512), 'm': (64, 128, 256, 512), 'l': (96, 192, 384, 768)}
+
+
+def test_registered_with_pretrained_cfgs():
+    assert set(timm.list_models('convmlp_*')) == {'convmlp_s', 'convmlp_m', 'convmlp_l'}
+    for arch in 'sml':
+        name = f'convmlp_{arch}'
+        assert timm.list_pretrained(name) == [f'{name}.in1k']
+        cfg = timm.models.get_pretrained_cfg(name)
+        assert cfg.url == CHECKPOINT_URLS[arch] == \
+            f'https://shi-labs.com/projects/convmlp/checkpoints/convmlp_{arch}_imagenet.pth'
+        assert cfg.num_classes == 1000 and cfg.input_size == (3, 224, 224)
+        assert cfg.mean == timm.data.IMAGENET_DEFAULT_MEAN
+        assert cfg.std == timm.data.IMAGENET_DEFAULT_STD
+        assert cfg.first_conv == 'tokenizer.block.0' and cfg.classifier == 'head'
+        assert cfg.crop_pct == 0.875 and cfg.interpolation == 'bicubic'
+
+
+@pytest.mark.parametrize('arch,millions', [('s', 9.0), ('m', 17.4), ('l', 42.7)])
+def test_parameter_counts_match_the_paper(arch, millions):
+    model = timm.create_model(f'convmlp_{arch}')
+    assert isinstance(model, ConvMLPFeatures)  # the one implementation, not a second one
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+    assert [(i['num_chs'], i['reduction']) for i in model.feature_info] == \
+        list(zip(CHANNELS[arch], STRIDES))
+
+
+def test_classifier_is_norm_mean_linear():
+    model = randomize_(timm.create_model('convmlp_s', num_classes=7)).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        logits = model(x)
+        last = model.forward_final(x)  # (B, H/32, W/32, 512)
+        expected = model.head(model.norm(last).mean(dim=(1, 2)))
+        features = model.forward_features(x)
+        pooled = model.forward_head(features, pre_logits=True)
+    assert logits.shape == (2, 7)
+    torch.testing.assert_close(logits, expected)
+    assert features.shape == (2, 2, 2, 512) and pooled.shape == (2, 512)
+    assert model.num_features == model.head_hidden_size == 512
+    assert model.get_classifier() is model.head
+
+    model.reset_classifier(3)
+    assert model(x).shape == (2, 3) and model.num_classes == 3
+    model.reset_classifier(0)
+    assert model(x).shape == (2, 512)
+    model.reset_classifier(0, global_pool='')
+    assert model(x).shape == (2, 2, 2, 512)
+
+
+def test_local_checkpoint_in_the_authors_layout(tmp_path):
+    """``pretrained=True`` with a local file: a plain state dict with the authors' names
+    (tokenizer.*, conv_stages.*, stages.*, norm.*, head.*) loads as it is."""
+    source = randomize_(ConvMLPClassifier('s'))
+    state = source.state_dict()
+    assert {k.split('.')[0] for k in state} == {'tokenizer', 'conv_stages', 'stages', 'norm',
+                                                'head'}
+    path = tmp_path / 'convmlp_s_imagenet.pth'
+    torch.save(state, path)
+
+    model = timm.create_model('convmlp_s', pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], msg=name)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), source.eval()(x))
+
+    # another number of classes: everything but the classifier comes from the file
+    model = timm.create_model('convmlp_s', pretrained=True, num_classes=5,
+                              pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.head.weight.shape == (5, 512)
+    torch.testing.assert_close(model.norm.weight, state['norm.weight'])
+    torch.testing.assert_close(model.stages[2].blocks[1].connect.weight,
+                               state['stages.2.blocks.1.connect.weight'])
+
+
+def test_features_only_gives_the_four_maps_of_the_backbone(arch='s'):
+    timm_model = timm.create_model(f'convmlp_{arch}', features_only=True,
+                                   out_indices=(0, 1, 2, 3)).eval()
+    info = timm_model.feature_info
+    assert info.channels() == list(CHANNELS[arch])
+    assert info.reduction() == list(STRIDES)
+    assert info.module_name() == ['tokenizer', 'conv_stages', 'stages.0', 'stages.2']
+
+    # the OpenMMLab backbone with the same weights gives the same maps
+    backbone = ConvMLP(arch=arch).eval()
+    randomize_(backbone)
+    load_convmlp_weights(timm_model.model, backbone.state_dict(), ignore_classifier=False)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        maps = timm_model(x)
+        expected = backbone(x)
+    assert len(maps) == 4
+    for m, e, c, s in zip(maps, expected, CHANNELS[arch], STRIDES):
+        assert m.shape == (2, c, 64 // s, 64 // s)
+        torch.testing.assert_close(m, e)
+
+
+def test_features_only_prunes_what_the_chosen_maps_do_not_need():
+    full = timm.create_model('convmlp_s', features_only=True)
+    assert full.feature_info.out_indices == (0, 1, 2, 3)  # the four maps by default
+    model = timm.create_model('convmlp_s', features_only=True, out_indices=(1, -2)).eval()
+    assert model.feature_info.channels() == [128, 256]
+    assert model.feature_info.reduction() == [8, 16]
+    # stages 1 and 2, the norm and the classifier are gone
+    assert len(model.model.stages) == 1
+    assert not any(n.startswith(('head.', 'norm.', 'stages.1')) for n, _ in
+                   model.model.named_parameters())
+    full_state = full.model.state_dict()
+    model.model.load_state_dict({k: full_state[k] for k in model.model.state_dict()})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        maps = model(x)
+        expected = full.eval()(x)
+    assert [m.shape[1:] for m in maps] == [(128, 8, 8), (256, 4, 4)]
+    torch.testing.assert_close(maps[0], expected[1])
+    torch.testing.assert_close(maps[1], expected[2])
+
+
+def test_forward_intermediates():
+    model = randomize_(timm.create_model('convmlp_m')).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        final, maps = model.forward_intermediates(x)
+        nhwc = model.forward_intermediates(x, indices=2, output_fmt='NHWC',
+                                           intermediates_only=True)
+        normed = model.forward_intermediates(x, indices=[-1], norm=True,
+                                             intermediates_only=True)
+        torch.testing.assert_close(final, model.forward_features(x))
+    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // s, 64 // s)
+                                             for c, s in zip(CHANNELS['m'], STRIDES)]
+    assert [tuple(m.shape) for m in nhwc] == [(1, 4, 4, 256), (1, 2, 2, 512)]
+    torch.testing.assert_close(nhwc[0], maps[2].permute(0, 2, 3, 1))
+    torch.testing.assert_close(normed[0].permute(0, 2, 3, 1), final)
+
+
+def test_inside_mmseg_timm_backbone():
+    """mmseg's TIMMBackbone builds the timm ConvMLP and hands FPN the four maps."""
+    from mmseg.registry import MODELS
+    backbone = MODELS.build(dict(type='TIMMBackbone', model_name='convmlp_s',
+                                 features_only=True, pretrained=False,
+                                 out_indices=(0, 1, 2, 3)))
+    backbone.init_weights()
+    backbone.eval()
+    with torch.no_grad():
+        maps = backbone(torch.randn(1, 3, 64, 64))
+    assert [tuple(m.shape) for m in maps] == [(1, c, 64 // s, 64 // s)
+                                             for c, s in zip(CHANNELS['s'], STRIDES)]
+    assert backbone.timm_model.feature_info.channels() == list(CHANNELS['s'])
+
+
+def test_timm_backbone_example_runs(capsys):
+    """The documented example: Semantic FPN whose backbone is mmseg's TIMMBackbone
+    wrapping timm's convmlp_s."""
+    runpy.run_path(osp.join(ROOT, 'tools', 'examples', 'timm_convmlp_in_mmseg.py'),
+                   run_name='__main__')
+    out = capsys.readouterr().out
+    assert 'map 3: (1, 512, 2, 2)' in out and 'segmentation logits: (1, 150, 16, 16)' in out
