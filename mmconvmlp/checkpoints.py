@@ -1,0 +1,419 @@
+"""Reading the authors' released detection and segmentation checkpoints safely, and turning
+them into checkpoints that today's MMDetection 3.x / MMSegmentation 1.x load.
+
+The released COCO and ADE20K checkpoints were written by MMDetection 2.x and MMSegmentation
+0.x: a dict with ``state_dict`` (``backbone.*`` in the authors' names, ``neck.*``, then
+``bbox_head.*``, ``rpn_head.*`` + ``roi_head.*`` or ``decode_head.*``), ``meta`` and
+``optimizer``. Two things stand between them and ``tools/test.py`` on today's stack:
+
+* **The pickle.** ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, and
+  refuses any ``meta`` that holds objects other than tensors and plain containers (numpy
+  scalars and arrays, mmcv ``Config`` objects, ...). :func:`load_checkpoint_safely` tries
+  ``weights_only=True`` first; when that refuses, it unpickles again with a restricted
+  unpickler that resolves only the globals torch's ``weights_only`` mode allows and replaces
+  every other global with an inert :class:`UnloadedGlobal` placeholder. Nothing named in the
+  file is imported or called, so a malicious global (``os.system``, ...) is never run.
+* **Parameter names.** Between MMDetection 2.x and 3.x, and between MMSegmentation 0.x and
+  1.x, the modules these models use kept their parameter names: FPN (``lateral_convs``,
+  ``fpn_convs``), RetinaHead (``cls_convs``, ``reg_convs``, ``retina_cls``, ``retina_reg``),
+  RPNHead (``rpn_conv``, ``rpn_cls``, ``rpn_reg``), the Mask R-CNN RoI heads
+  (``bbox_head.shared_fcs``/``fc_cls``/``fc_reg``, ``mask_head.convs``/``upsample``/
+  ``conv_logits``) and the Semantic FPN head (``scale_heads``, ``conv_seg``). The backbone
+  carries the authors' names, which :class:`~mmconvmlp.models.ConvMLP` uses. So the mapping
+  (:data:`LEGACY_RENAMES`) is empty: the conversion keeps the names and *checks* them against
+  the model the matching config builds, since ``tools/test.py`` loads non-strictly and would
+  otherwise ignore a wrong name silently.
+
+:func:`convert_released_checkpoint` writes a plain ``{'state_dict', 'meta'}`` checkpoint that
+``torch.load(weights_only=True)`` accepts; ``tools/model_converters/convert_released_checkpoint.py``
+is its command line.
+"""
+import importlib
+import io
+import os
+import os.path as osp
+import pickle
+import re
+import types
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+
+import torch
+
+from .models.convmlp import ARCH_SETTINGS
+from .models.weights import CheckpointMismatchError, _listing
+
+__all__ = [
+    'UnloadedGlobal', 'load_checkpoint_safely', 'to_plain', 'numpy_value', 'LEGACY_RENAMES',
+    'KNOWN_PREFIXES', 'map_legacy_state_dict', 'infer_model', 'matching_config',
+    'check_against_config', 'convert_released_checkpoint', 'ConversionReport',
+]
+
+#: Top-level modules of the released detectors and segmentors.
+KNOWN_PREFIXES = ('backbone.', 'neck.', 'bbox_head.', 'rpn_head.', 'roi_head.',
+                  'decode_head.', 'auxiliary_head.')
+#: The ImageNet classifier, should a backbone in a checkpoint still carry it: dropped.
+BACKBONE_CLASSIFIER = ('backbone.head.', 'backbone.norm.')
+#: ``(pattern, replacement)`` renames applied, in order, to every old name. Empty: see the
+#: module docs for the audit of MMDetection 2.x -> 3.x and MMSegmentation 0.x -> 1.x.
+LEGACY_RENAMES: List[Tuple[str, str]] = []
+
+#: Config files of the paper's models, relative to the repository root, by (family, arch).
+CONFIG_PATTERNS = {
+    'retinanet': 'configs/detection/retinanet_convmlp_{arch}_coco.py',
+    'mask_rcnn': 'configs/detection/mask_rcnn_convmlp_{arch}_coco.py',
+    'fpn': 'configs/segmentation/fpn_convmlp_{arch}_ade20k.py',
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Safe unpickling
+# --------------------------------------------------------------------------------------------
+class UnloadedGlobal:
+    """Stands in for a pickled global that was not loaded (a class or function outside
+    torch's ``weights_only`` allowlist). Calling it, instantiating it or restoring state into
+    it only records the arguments; nothing is imported or executed."""
+
+    #: ``module.name`` of the global this class replaces (set on each generated subclass).
+    global_name = '?'
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.args, obj.kwargs, obj.state = args, kwargs, None
+        obj.items: Dict[Any, Any] = {}
+        obj.elements: List[Any] = []
+        return obj
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    # dict and list subclasses are pickled with SETITEMS / APPENDS on the instance
+    def __setitem__(self, key, value):
+        self.items[key] = value
+
+    def append(self, value):
+        self.elements.append(value)
+
+    def extend(self, values):
+        self.elements.extend(values)
+
+    def __repr__(self) -> str:
+        return f'<not loaded: {self.global_name}>'
+
+
+def _placeholder(full_name: str) -> type:
+    return type(f'Unloaded[{full_name}]', (UnloadedGlobal,), {'global_name': full_name})
+
+
+def _allowed_globals() -> Mapping[str, Any]:
+    """The globals that torch's own ``weights_only`` unpickler resolves."""
+    from torch import _weights_only_unpickler
+    return _weights_only_unpickler._get_allowed_globals()
+
+
+def _restricted_pickle_module(unloaded: Set[str]) -> types.ModuleType:
+    """A ``pickle_module`` for ``torch.load`` whose unpickler resolves only the globals of
+    :func:`_allowed_globals` and records every other one in ``unloaded`` while handing back
+    an inert placeholder class."""
+    allowed = _allowed_globals()
+    placeholders: Dict[str, type] = {}
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            full_name = f'{module}.{name}'
+            if full_name in allowed:
+                return allowed[full_name]
+            unloaded.add(full_name)
+            if full_name not in placeholders:
+                placeholders[full_name] = _placeholder(full_name)
+            return placeholders[full_name]
+
+    def load(file, **kwargs):
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    def loads(data: bytes, **kwargs):
+        return load(io.BytesIO(data), **kwargs)
+
+    module = types.ModuleType('mmconvmlp_restricted_pickle')
+    module.Unpickler = RestrictedUnpickler
+    module.load, module.loads = load, loads
+    module.UnpicklingError = pickle.UnpicklingError
+    return module
+
+
+def load_checkpoint_safely(path: str) -> Tuple[Any, List[str]]:
+    """Load a checkpoint file without running anything it names.
+
+    Returns ``(object, unloaded)``: ``unloaded`` lists, sorted, the globals (``module.name``)
+    that were replaced by :class:`UnloadedGlobal` placeholders; it is empty when
+    ``torch.load(weights_only=True)`` accepted the file as it is. Tensors load as usual."""
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True), []
+    except pickle.UnpicklingError:
+        pass
+    unloaded: Set[str] = set()
+    obj = torch.load(path, map_location='cpu', weights_only=False,
+                     pickle_module=_restricted_pickle_module(unloaded))
+    return obj, sorted(unloaded)
+
+
+def _numpy_dtype(obj: Any):
+    """The numeric numpy dtype a pickled ``numpy.dtype`` placeholder describes, or None."""
+    import numpy as np
+    if not (isinstance(obj, UnloadedGlobal) and obj.global_name.startswith('numpy.')
+            and obj.global_name.endswith('.dtype') and obj.args
+            and isinstance(obj.args[0], str)):
+        return None
+    try:
+        dtype = np.dtype(obj.args[0])
+    except TypeError:
+        return None
+    if dtype.kind not in 'biufc':  # numbers only: no object, string or structured dtypes
+        return None
+    order = obj.state[1] if isinstance(obj.state, tuple) and len(obj.state) > 1 else None
+    return dtype.newbyteorder(order) if order in ('<', '>') else dtype
+
+
+def numpy_value(obj: UnloadedGlobal) -> Any:
+    """The Python number or nested list behind a placeholder of a pickled numeric numpy
+    scalar or array, read from its raw bytes (numpy never unpickles anything); None for
+    anything else."""
+    import numpy as np
+    name = obj.global_name
+    if not name.startswith('numpy.'):
+        return None
+    if name.endswith('.scalar') and len(obj.args) == 2 and isinstance(obj.args[1], bytes):
+        dtype = _numpy_dtype(obj.args[0])
+        if dtype is not None and len(obj.args[1]) == dtype.itemsize:
+            return np.frombuffer(obj.args[1], dtype)[0].item()
+    if name.endswith('._reconstruct') and isinstance(obj.state, tuple) and len(obj.state) == 5:
+        _, shape, dtype, fortran, raw = obj.state
+        dtype = _numpy_dtype(dtype)
+        if dtype is not None and isinstance(raw, bytes) and isinstance(shape, tuple) and \
+                len(raw) == dtype.itemsize * int(np.prod(shape)):
+            return np.frombuffer(raw, dtype).reshape(shape, order='F' if fortran else 'C'
+                                                     ).tolist()
+    return None
+
+
+_PLAIN_LEAVES = (str, bytes, int, float, bool, complex, type(None), torch.Tensor, torch.dtype,
+                 torch.device, torch.Size)
+
+
+def to_plain(obj: Any) -> Any:
+    """``obj`` made of what ``torch.load(weights_only=True)`` accepts: containers are
+    rebuilt as dict / list / tuple, tensors and scalars are kept, numeric numpy scalars and
+    arrays become numbers and lists (:func:`numpy_value`), anything else (e.g. an
+    :class:`UnloadedGlobal`) becomes its ``repr`` string."""
+    if isinstance(obj, _PLAIN_LEAVES) and not isinstance(obj, UnloadedGlobal):
+        return obj
+    if isinstance(obj, UnloadedGlobal):
+        value = numpy_value(obj)
+        return repr(obj) if value is None else value
+    if isinstance(obj, type) and issubclass(obj, UnloadedGlobal):
+        return f'<not loaded: {obj.global_name}>'
+    if isinstance(obj, Mapping):
+        return {to_plain(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(to_plain(v) for v in obj)
+    if isinstance(obj, (list, set, frozenset)):
+        return [to_plain(v) for v in obj]
+    return repr(obj)
+
+
+# --------------------------------------------------------------------------------------------
+# Names
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ConversionReport:
+    """What a conversion did and what it could not do, by name."""
+    source: str = ''
+    unloaded_globals: List[str] = field(default_factory=list)
+    renamed: Dict[str, str] = field(default_factory=dict)
+    dropped_classifier: List[str] = field(default_factory=list)
+    dropped_top_level: List[str] = field(default_factory=list)
+    unmapped: List[str] = field(default_factory=list)
+    family: Optional[str] = None
+    arch: Optional[str] = None
+    config: Optional[str] = None
+    checked: bool = False
+
+    def summary(self) -> str:
+        lines = [f'source: {self.source}',
+                 f'model: {self.family or "unknown"} with ConvMLP-{(self.arch or "?").upper()}']
+        if self.config:
+            lines.append(f'names and shapes checked against: {self.config}'
+                         if self.checked else f'config: {self.config} (not checked)')
+        else:
+            lines.append('names and shapes NOT checked against a config')
+        if self.unloaded_globals:
+            lines.append('meta objects not unpickled (kept as text): '
+                         + ', '.join(self.unloaded_globals))
+        if self.dropped_top_level:
+            lines.append('dropped: ' + ', '.join(self.dropped_top_level))
+        if self.renamed:
+            lines.append(f'{len(self.renamed)} parameters renamed')
+        text = '\n'.join(lines) + '\n'
+        text += _listing('ImageNet classifier entries dropped', self.dropped_classifier)
+        text += _listing('entries that cannot be mapped', self.unmapped)
+        return text
+
+
+def map_legacy_state_dict(state_dict: Mapping[str, Any], report: ConversionReport
+                          ) -> 'OrderedDict[str, torch.Tensor]':
+    """The old ``state_dict`` in today's names. Entries outside :data:`KNOWN_PREFIXES` and
+    entries that are not tensors go to ``report.unmapped``; a backbone's ImageNet classifier
+    goes to ``report.dropped_classifier``; a ``module.`` wrapper prefix is removed."""
+    mapped: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
+    for old_name, value in state_dict.items():
+        name = old_name[len('module.'):] if old_name.startswith('module.') else old_name
+        for pattern, replacement in LEGACY_RENAMES:
+            name = re.sub(pattern, replacement, name)
+        if name.startswith(BACKBONE_CLASSIFIER):
+            report.dropped_classifier.append(old_name)
+        elif not isinstance(value, torch.Tensor):
+            report.unmapped.append(f'{old_name} (a {type(value).__name__}, not a tensor)')
+        elif not name.startswith(KNOWN_PREFIXES):
+            report.unmapped.append(f'{old_name} (not part of a detector or segmentor)')
+        else:
+            if name != old_name:
+                report.renamed[old_name] = name
+            mapped[name] = value
+    return mapped
+
+
+def infer_model(state_dict: Mapping[str, torch.Tensor]) -> Tuple[Optional[str], Optional[str]]:
+    """``(family, arch)`` of a detector/segmentor state dict in today's names: family one of
+    ``'retinanet'``, ``'mask_rcnn'``, ``'fpn'``; arch one of ``'s'``, ``'m'``, ``'l'``. Either
+    is ``None`` when the weights do not tell."""
+    names = set(state_dict)
+    if any(n.startswith('roi_head.mask_head.') for n in names) and \
+            any(n.startswith('rpn_head.') for n in names):
+        family = 'mask_rcnn'
+    elif any(n.startswith('bbox_head.retina_') for n in names):
+        family = 'retinanet'
+    elif any(n.startswith('decode_head.scale_heads.') for n in names):
+        family = 'fpn'
+    else:
+        family = None
+    blocks = []
+    for stage in range(3):
+        found = {int(m.group(1)) for n in names
+                 for m in [re.match(rf'backbone\.stages\.{stage}\.blocks\.(\d+)\.', n)] if m}
+        blocks.append(max(found) + 1 if found else 0)
+    conv_blocks = {int(m.group(1)) for n in names
+                   for m in [re.match(r'backbone\.conv_stages\.conv_blocks\.(\d+)\.', n)] if m}
+    stem = state_dict.get('backbone.tokenizer.block.6.weight')
+    arch = None
+    for key, settings in ARCH_SETTINGS.items():
+        if (tuple(blocks) == tuple(settings['blocks'])
+                and len(conv_blocks) == settings['conv_blocks']
+                and stem is not None and stem.shape[0] == settings['stem_width']):
+            arch = key
+    return family, arch
+
+
+def matching_config(family: Optional[str], arch: Optional[str],
+                    root: Optional[str] = None) -> Optional[str]:
+    """The repository's config for ``(family, arch)``, or ``None`` if it has none."""
+    if family not in CONFIG_PATTERNS or arch is None:
+        return None
+    root = root or osp.dirname(osp.dirname(osp.abspath(__file__)))
+    path = osp.join(root, CONFIG_PATTERNS[family].format(arch=arch))
+    return path if osp.isfile(path) else None
+
+
+def build_model_from_config(config: str) -> torch.nn.Module:
+    """Build the model of an MMDetection / MMSegmentation config (its ``custom_imports``
+    included) in that config's scope, without loading any weights."""
+    from mmengine.config import Config
+    from mmengine.registry import DefaultScope, init_default_scope
+    cfg = Config.fromfile(config)
+    scope = cfg.get('default_scope', 'mmdet')
+    init_default_scope(scope)
+    importlib.import_module(f'{scope}.models')
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope):
+        return models.build(cfg.model)
+
+
+def check_against_config(state_dict: Mapping[str, torch.Tensor], config: str) -> None:
+    """Raise :class:`CheckpointMismatchError` naming every entry of the model built from
+    ``config`` that ``state_dict`` lacks or mis-shapes, and every entry it has in excess."""
+    own = build_model_from_config(config).state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong_shape = [f'{k}: {tuple(state_dict[k].shape)} in the checkpoint, '
+                   f'{tuple(own[k].shape)} in the model'
+                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong_shape:
+        raise CheckpointMismatchError(
+            f'The converted weights do not fit the model of {config}:\n'
+            + _listing('missing from the checkpoint', missing)
+            + _listing('not in the model', unexpected)
+            + _listing('shape mismatch', wrong_shape))
+
+
+def _new_meta(meta: Any, report: ConversionReport) -> Dict[str, Any]:
+    meta = to_plain(meta) if isinstance(meta, Mapping) else {}
+    dataset_meta = dict(meta.get('dataset_meta') or {})
+    for old, new in (('CLASSES', 'classes'), ('PALETTE', 'palette')):
+        if old in meta and new not in dataset_meta:
+            dataset_meta[new] = meta[old]
+    if dataset_meta:
+        meta['dataset_meta'] = dataset_meta
+    meta['converted_from'] = osp.basename(report.source)
+    meta['converted_by'] = 'mmconvmlp.checkpoints.convert_released_checkpoint'
+    if report.unloaded_globals:
+        meta['unloaded_globals'] = list(report.unloaded_globals)
+    return meta
+
+
+def convert_released_checkpoint(src: str, dst: str, config: Optional[str] = None,
+                                check: bool = True, allow_unmapped: bool = False
+                                ) -> ConversionReport:
+    """Read ``src`` (a released MMDetection 2.x / MMSegmentation 0.x checkpoint) safely and
+    write ``dst``: ``{'state_dict': weights in today's names, 'meta': plain metadata}``, which
+    ``torch.load(weights_only=True)`` and ``tools/test.py`` load. The optimizer state is not
+    carried over.
+
+    ``config`` is the config the weights are for; by default the repository's config that
+    matches the weights (family and arch are read off the names and shapes). With ``check``
+    the names and shapes must fit the model it builds. Raises
+    :class:`CheckpointMismatchError` naming what does not fit, and, unless
+    ``allow_unmapped``, naming what cannot be mapped; nothing is written then."""
+    report = ConversionReport(source=src)
+    checkpoint, report.unloaded_globals = load_checkpoint_safely(src)
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(f'{src} holds a {type(checkpoint).__name__}, not a '
+                                      f'checkpoint dict.')
+    if isinstance(checkpoint.get('state_dict'), Mapping):
+        old_state = checkpoint['state_dict']
+        report.dropped_top_level = sorted(k for k in checkpoint if k not in ('state_dict',
+                                                                               'meta'))
+    else:
+        old_state, checkpoint = checkpoint, {}
+    state_dict = map_legacy_state_dict(old_state, report)
+    if report.unmapped and not allow_unmapped:
+        raise CheckpointMismatchError(
+            f'{src}: some entries cannot be mapped to a detector or segmentor (pass '
+            f'--allow-unmapped to drop them):\n' + _listing('cannot be mapped', report.unmapped))
+    report.family, report.arch = infer_model(state_dict)
+    report.config = config or matching_config(report.family, report.arch)
+    if check:
+        if report.config is None:
+            raise CheckpointMismatchError(
+                f'{src}: no config to check the weights against (read off the weights: '
+                f'{report.family or "unknown model"}, arch {report.arch or "unknown"}); pass '
+                f'one, or skip the check.')
+        check_against_config(state_dict, report.config)
+        report.checked = True
+    out = {'state_dict': state_dict, 'meta': _new_meta(checkpoint.get('meta'), report)}
+    os.makedirs(osp.dirname(osp.abspath(dst)), exist_ok=True)
+    torch.save(out, dst)
+    return report
+
