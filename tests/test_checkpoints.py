@@ -232,3 +232,20 @@ def test_numpy_values_of_numpy_1_pickles():
     odd = _placeholder('numpy.core.multiarray.scalar')(objects, b'\0' * 8)
     assert to_plain(dict(a=scalar, b=array, c=odd)) == dict(
         a=0.25, b=[[0.0, 1.0], [2.0, 3.0]], c='<not loaded: numpy.core.multiarray.scalar>')
+
+
+def test_plain_metadata_loads_as_downloaded(tmp_path):
+    """Names did not change, so a released file whose metadata holds only plain values and
+    numpy numbers loads as downloaded, the way tools/test.py loads it (weights_only with
+    the numpy globals it allows); strictly, with the same weights."""
+    from mmconvmlp.runner_utils import checkpoint_globals
+    source = randomize_(build_model_from_config(CONFIGS['fpn']))
+    path = tmp_path / 'sem_fpn_convmlp_s_ade20k.pth'
+    meta = old_meta()
+    del meta['config']  # MMSegmentation 0.x stored the config as text
+    write_released(path, source.state_dict(), meta)
+    model = randomize_(copy.deepcopy(source), seed=3)
+    with checkpoint_globals():
+        load_checkpoint(model, str(path), map_location='cpu', strict=True)
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, source.state_dict()[name], rtol=0, atol=0)
