@@ -9,10 +9,11 @@ The released COCO and ADE20K checkpoints were written by MMDetection 2.x and MMS
 * **The pickle.** ``torch.load`` defaults to ``weights_only=True`` since torch 2.6, and
   refuses any ``meta`` that holds objects other than tensors and plain containers (mmcv
   ``Config`` objects, other classes; ``tools/test.py`` additionally allows numpy scalars and
-  arrays, so a file with only those loads there as downloaded). :func:`load_checkpoint_safely` tries
-  ``weights_only=True`` first; when that refuses, it unpickles again with a restricted
-  unpickler that resolves only the globals torch's ``weights_only`` mode allows and replaces
-  every other global with an inert :class:`UnloadedGlobal` placeholder. Nothing named in the
+  arrays, so a file with only those loads there as downloaded).
+  :func:`load_checkpoint_safely` tries ``weights_only=True`` first; when that refuses, it
+  unpickles again with a restricted unpickler that resolves only the globals torch's
+  ``weights_only`` mode allows and replaces every other global with an inert
+  :class:`UnloadedGlobal` placeholder. Nothing named in the
   file is imported or called, so a malicious global (``os.system``, ...) is never run.
 * **Parameter names.** Between MMDetection 2.x and 3.x, and between MMSegmentation 0.x and
   1.x, the modules these models use kept their parameter names: FPN (``lateral_convs``,
