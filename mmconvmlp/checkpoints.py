@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 import torch
 
 from .models.convmlp import ARCH_SETTINGS
-from .models.weights import CheckpointMismatchError, _listing
+from .models.weights import CheckpointMismatchError, _listing, describe_mismatch
 
 __all__ = [
     'UnloadedGlobal', 'load_checkpoint_safely', 'to_plain', 'numpy_value', 'LEGACY_RENAMES',
@@ -346,18 +346,10 @@ def build_model_from_config(config: str) -> torch.nn.Module:
 def check_against_config(state_dict: Mapping[str, torch.Tensor], config: str) -> None:
     """Raise :class:`CheckpointMismatchError` naming every entry of the model built from
     ``config`` that ``state_dict`` lacks or mis-shapes, and every entry it has in excess."""
-    own = build_model_from_config(config).state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    wrong_shape = [f'{k}: {tuple(state_dict[k].shape)} in the checkpoint, '
-                   f'{tuple(own[k].shape)} in the model'
-                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or wrong_shape:
+    listing = describe_mismatch(build_model_from_config(config).state_dict(), state_dict)
+    if listing:
         raise CheckpointMismatchError(
-            f'The converted weights do not fit the model of {config}:\n'
-            + _listing('missing from the checkpoint', missing)
-            + _listing('not in the model', unexpected)
-            + _listing('shape mismatch', wrong_shape))
+            f'The converted weights do not fit the model of {config}:\n{listing}')
 
 
 def _new_meta(meta: Any, report: ConversionReport) -> Dict[str, Any]:

@@ -131,11 +131,11 @@ class Tokenizer(nn.Module):
     """(B, 3, H, W) -> (B, C, H/4, W/4): three 3x3 conv-BN-ReLU (the first with stride 2),
     then a 3x3 stride-2 max-pool."""
 
-    def __init__(self, stem_width: int, norm_layer: NormLayer):
+    def __init__(self, stem_width: int, norm_layer: NormLayer, in_chans: int = 3):
         super().__init__()
         half = stem_width // 2
         self.block = ConvNormReLUStack(
-            *conv_bn_relu(3, half, 3, 2, norm_layer),
+            *conv_bn_relu(in_chans, half, 3, 2, norm_layer),
             *conv_bn_relu(half, half, 3, 1, norm_layer),
             *conv_bn_relu(half, stem_width, 3, 1, norm_layer),
             nn.MaxPool2d(3, stride=2, padding=1))
@@ -288,12 +288,13 @@ class ConvMLPFeatures(nn.Module):
     MLP stages. :meth:`forward_taps` yields the four feature maps of the spec."""
 
     def __init__(self, arch: Union[str, Mapping] = 's', drop_path_rate: float = 0.1,
-                 norm_layer: NormLayer = nn.BatchNorm2d, with_cp: bool = False):
+                 norm_layer: NormLayer = nn.BatchNorm2d, with_cp: bool = False,
+                 in_chans: int = 3):
         super().__init__()
         self.arch_settings = settings = resolve_arch(arch)
         blocks, widths = settings['blocks'], settings['widths']
         stem = settings['stem_width']
-        self.tokenizer = Tokenizer(stem, norm_layer)
+        self.tokenizer = Tokenizer(stem, norm_layer, in_chans)
         self.conv_stages = ConvStage(settings['conv_blocks'], stem, widths[0], widths[0],
                                      norm_layer, with_cp)
         rates = per_stage_drop_path_rates(blocks, drop_path_rate)

@@ -62,14 +62,9 @@ class ConvMLPClassifier(ConvMLPFeatures):
                  global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.1,
                  norm_layer: Optional[NormLayer] = None):
         super().__init__(arch, drop_path_rate=drop_path_rate,
-                         norm_layer=norm_layer or nn.BatchNorm2d)
+                         norm_layer=norm_layer or nn.BatchNorm2d, in_chans=in_chans)
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f'ConvMLP global_pool={global_pool!r}: use one of {GLOBAL_POOLS}.')
-        if in_chans != 3:
-            first = self.tokenizer.block[0]
-            self.tokenizer.block[0] = nn.Conv2d(in_chans, first.out_channels, first.kernel_size,
-                                                first.stride, first.padding, bias=False)
-            init_from_scratch(self.tokenizer.block[0])
         width = self.tap_channels[-1]
         self.num_classes = num_classes
         self.in_chans = in_chans

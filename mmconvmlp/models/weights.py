@@ -45,24 +45,32 @@ def load_convmlp_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     own = model.state_dict()
     incoming = {k: v for k, v in state_dict.items()
                 if not (ignore_classifier and k.startswith(CLASSIFIER_PREFIXES) and k not in own)}
+    listing = describe_mismatch(own, incoming, source)
+    if listing:
+        unexpected = [k for k in incoming if k not in own]
+        hint = ''
+        if unexpected and all(k.startswith(('backbone.', 'module.')) for k in unexpected):
+            hint = (" Its names carry a prefix: for a detector or segmentor checkpoint set "
+                    "init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.').")
+        elif 'shape mismatch' in listing:
+            hint = ' Is the arch the one the checkpoint was trained with?'
+        raise CheckpointMismatchError(
+            f'The {source} does not fit {type(model).__name__}.{hint}\n{listing}')
+    model.load_state_dict(incoming, strict=True)
+
+
+def describe_mismatch(own: Mapping[str, torch.Tensor], incoming: Mapping[str, torch.Tensor],
+                      source: str = 'checkpoint') -> str:
+    """Every entry of ``own`` that ``incoming`` lacks or mis-shapes and every entry it has in
+    excess, one per line; empty when they fit."""
     missing = [k for k in own if k not in incoming]
     unexpected = [k for k in incoming if k not in own]
     wrong_shape = [f'{k}: {tuple(incoming[k].shape)} in the {source}, {tuple(own[k].shape)} '
                    f'in the model' for k in own
                    if k in incoming and tuple(incoming[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or wrong_shape:
-        hint = ''
-        if unexpected and all(k.startswith(('backbone.', 'module.')) for k in unexpected):
-            hint = (" Its names carry a prefix: for a detector or segmentor checkpoint set "
-                    "init_cfg=dict(type='Pretrained', checkpoint=..., prefix='backbone.').")
-        elif wrong_shape:
-            hint = ' Is the arch the one the checkpoint was trained with?'
-        raise CheckpointMismatchError(
-            f'The {source} does not fit {type(model).__name__}.{hint}\n'
-            + _listing('missing from the checkpoint', missing)
+    return (_listing('missing from the checkpoint', missing)
             + _listing('not in the model', unexpected)
             + _listing('shape mismatch', wrong_shape))
-    model.load_state_dict(incoming, strict=True)
 
 
 def _listing(title: str, names: list, limit: int = 20) -> str:
