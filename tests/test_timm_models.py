@@ -173,3 +173,10 @@ def test_timm_backbone_example_runs(capsys):
                    run_name='__main__')
     out = capsys.readouterr().out
     assert 'map 3: (1, 512, 2, 2)' in out and 'segmentation logits: (1, 150, 16, 16)' in out
+
+
+def test_in_chans_sizes_the_first_convolution():
+    model = timm.create_model('convmlp_s', in_chans=1, num_classes=7).eval()
+    assert model.tokenizer.block[0].weight.shape == (32, 1, 3, 3)
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 64, 64)).shape == (2, 7)
