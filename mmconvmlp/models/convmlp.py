@@ -161,7 +161,7 @@ class ConvStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.conv_blocks:
-            x = x + run_block(block, x, self.with_cp and self.training)
+            x = add_residual(x, run_block(block, x, self.with_cp and self.training))
         return self.downsample(x)
 
 
@@ -193,9 +193,9 @@ class ConvMLPBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path(self.channel_mlp1(self.norm1(x)))
+        x = add_residual(x, self.drop_path(self.channel_mlp1(self.norm1(x))))
         x = channels_last_conv(self.connect, self.connect_norm(x))
-        return x + self.drop_path(self.channel_mlp2(self.norm2(x)))
+        return add_residual(x, self.drop_path(self.channel_mlp2(self.norm2(x))))
 
 
 class ConvDownsample(nn.Module):
@@ -228,6 +228,14 @@ class ConvMLPStage(nn.Module):
         if self.downsample_mlp is not None:
             x = self.downsample_mlp(x)
         return x
+
+
+def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+    """``x + branch``. Without autograd history to keep (inference, frozen parts) the sum
+    goes into the freshly computed ``branch`` instead of a new tensor."""
+    if branch.requires_grad:
+        return x + branch
+    return branch.add_(x)
 
 
 def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
