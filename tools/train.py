@@ -1,0 +1,64 @@
+"""Train a detector (mmdet 3.x config) or a segmentor (mmseg 1.x config), ConvMLP
+backbones included.
+
+    python tools/train.py CONFIG [--work-dir DIR] [--resume [CHECKPOINT]] [--amp]
+                          [--auto-scale-lr] [--cfg-options KEY=VALUE ...]
+                          [--launcher {none,pytorch,slurm,mpi}]
+
+Several processes: ``bash tools/dist_train.sh CONFIG NUM_PROCESSES [options]`` (GPUs, or
+gloo processes on the CPU when there is no CUDA).
+"""
+import os.path as osp
+import sys
+
+sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
+
+from mmconvmlp.runner_utils import (TRAIN_SECTIONS, build_runner,  # noqa: E402
+                                    checkpoint_globals, load_config, make_parser)
+
+
+def parse_args(argv=None):
+    parser = make_parser('Train an MMDetection or MMSegmentation model.',
+                         'where logs and checkpoints go')
+    parser.add_argument(
+        '--resume', nargs='?', const='auto', metavar='CHECKPOINT',
+        help='continue a run: from CHECKPOINT, or, with no value, from the latest '
+             'checkpoint in the work dir')
+    parser.add_argument('--amp', action='store_true',
+                        help='automatic mixed precision (dynamic loss scaling)')
+    parser.add_argument('--auto-scale-lr', action='store_true',
+                        help='scale the learning rate by the actual total batch size over '
+                             'the config\'s auto_scale_lr.base_batch_size')
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = load_config(args)
+    if args.amp:
+        wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
+        if wrapper_type not in ('OptimWrapper', 'AmpOptimWrapper'):
+            sys.exit(f'--amp: the config uses the optimizer wrapper {wrapper_type!r}; '
+                     'only OptimWrapper can be switched to AmpOptimWrapper.')
+        cfg.optim_wrapper.type = 'AmpOptimWrapper'
+        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if args.auto_scale_lr:
+        if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
+            sys.exit('--auto-scale-lr needs auto_scale_lr = dict(base_batch_size=...) in '
+                     'the config: the total batch size its learning rate was set for.')
+        cfg.auto_scale_lr.enable = True
+    if args.resume == 'auto':  # the latest checkpoint of the work dir
+        cfg.resume, cfg.load_from = True, None
+    elif args.resume is not None:
+        if '://' not in args.resume and not osp.isfile(args.resume):
+            sys.exit(f'--resume {args.resume}: no such checkpoint file.')
+        cfg.resume, cfg.load_from = True, args.resume
+
+    runner = build_runner(cfg, args, TRAIN_SECTIONS)
+    # Resuming (and load_from) reads mmengine checkpoints with torch.load's safe loading.
+    with checkpoint_globals():
+        runner.train()
+
+
+if __name__ == '__main__':
+    main()
