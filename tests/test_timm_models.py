@@ -180,3 +180,11 @@ def test_in_chans_sizes_the_first_convolution():
     assert model.tokenizer.block[0].weight.shape == (32, 1, 3, 3)
     with torch.no_grad():
         assert model(torch.randn(2, 1, 64, 64)).shape == (2, 7)
+
+
+def test_feature_maps_are_contiguous_nchw():
+    """mmcv's CPU RoIAlign reads its input's memory as NCHW, whatever its strides."""
+    model = timm.create_model('convmlp_s', features_only=True).eval()
+    with torch.no_grad():
+        maps = model(torch.randn(1, 3, 64, 64))
+    assert len(maps) == 4 and all(m.is_contiguous() for m in maps)

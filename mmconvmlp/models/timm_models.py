@@ -130,8 +130,8 @@ class ConvMLPClassifier(ConvMLPFeatures):
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
         """The four maps of the spec (or those chosen by ``indices``: an int takes the last n,
-        a sequence picks, negative from the end), as (B, C, H, W) in ``'NCHW'`` (views in
-        channels-last memory) or (B, H, W, C) in ``'NHWC'``. ``norm`` applies the final
+        a sequence picks, negative from the end), as contiguous (B, C, H, W) in ``'NCHW'``
+        or (B, H, W, C) in ``'NHWC'``. ``norm`` applies the final
         LayerNorm to map 3. Without ``intermediates_only`` the normalised final features
         come first, as :meth:`forward_features` gives them."""
         if output_fmt not in ('NCHW', 'NHWC'):
@@ -147,7 +147,9 @@ class ConvMLPClassifier(ConvMLPFeatures):
                 continue
             if norm and index == NUM_TAPS - 1:
                 tap = self.norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-            intermediates.append(tap.permute(0, 2, 3, 1) if output_fmt == 'NHWC' else tap)
+            # Contiguous NCHW: some consumers (mmcv's CPU RoIAlign) read raw memory as NCHW.
+            intermediates.append(tap.permute(0, 2, 3, 1) if output_fmt == 'NHWC'
+                                 else tap.contiguous())
         if intermediates_only:
             return intermediates
         return self.norm(tap.permute(0, 2, 3, 1)), intermediates
