@@ -17,7 +17,7 @@ from ..models.convmlp import per_stage_drop_path_rates, resolve_arch
 
 def _conv_bn_relu(cin: int, cout: int, k: int, stride: int = 1) -> List[nn.Module]:
     return [nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout),
-            nn.ReLU()]
+            nn.ReLU(inplace=True)]
 
 
 class _Tokenizer(nn.Module):
