@@ -231,3 +231,27 @@ def test_the_demo_configs_build_without_downloads(name):
              'mask_rcnn': lambda m: m.roi_head.bbox_head.num_classes,
              'fpn': lambda m: m.decode_head.num_classes}
     assert heads[name](model) == (5 if name == 'fpn' else 4)
+
+
+def test_the_demo_plots_the_training_curves(tmp_path):
+    sys.path.insert(0, osp.join(REPO, 'tools'))
+    try:
+        import demo_pictures
+    finally:
+        sys.path.pop(0)
+    run = tmp_path / 'work' / '20260101_000000' / 'vis_data'
+    run.mkdir(parents=True)
+    records = []
+    for epoch in (1, 2):
+        for it in (5, 10):
+            step = (epoch - 1) * 10 + it
+            records.append(dict(loss=2.0 / step, loss_cls=1.0 / step, loss_bbox=1.0 / step,
+                                lr=1e-4, epoch=epoch, iter=step, step=step))
+        records.append({'coco/bbox_mAP': 0.1 * epoch, 'coco/bbox_mAP_50': 0.2 * epoch,
+                        'step': epoch})
+    (run / 'scalars.json').write_text('\n'.join(json.dumps(r) for r in records) + '\n')
+    train, val = demo_pictures.read_scalars(str(tmp_path / 'work'))
+    assert len(train) == 4 and len(val) == 2
+    out = demo_pictures.plot_curves(str(tmp_path / 'work'), str(tmp_path / 'curves.png'))
+    with Image.open(out) as image:
+        assert image.size[0] > 500 and image.size[1] > 200

@@ -44,9 +44,10 @@ test_evaluator = val_evaluator
 
 # From scratch: a 10x larger learning rate than the paper's fine-tuning one, a short
 # warm-up, cosine decay; validation after every epoch for the training curves.
-max_epochs = 6
+max_epochs = 8
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
-optim_wrapper = dict(type='BF16AutocastOptimWrapper', optimizer=dict(lr=1e-3))
+optim_wrapper = dict(type='BF16AutocastOptimWrapper', optimizer=dict(lr=4e-4),
+                     clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=150),
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, T_max=max_epochs,

@@ -52,9 +52,12 @@ test_dataloader = val_dataloader
 max_iters = 900
 interval = 150
 train_cfg = dict(max_iters=max_iters, val_interval=interval)
-optim_wrapper = dict(type='BF16AutocastOptimWrapper', optimizer=dict(lr=1e-3))
+# The paper's AdamW (weight decay 1e-4) with a larger learning rate and gradient clipping.
+optim_wrapper = dict(_delete_=True, type='BF16AutocastOptimWrapper',
+                     optimizer=dict(type='AdamW', lr=4e-4, weight_decay=1e-4),
+                     clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=50),
-    dict(type='PolyLR', power=0.9, eta_min=0.0, by_epoch=False, begin=50, end=max_iters),
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=150),
+    dict(type='PolyLR', power=0.9, eta_min=0.0, by_epoch=False, begin=150, end=max_iters),
 ]
 default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=max_iters))
