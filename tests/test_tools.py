@@ -12,6 +12,7 @@ thread, and one-process runs must compute with the same thread count to give the
 same numbers.
 """
 import glob
+import importlib.util
 import json
 import os
 import os.path as osp
@@ -76,7 +77,7 @@ def with_coco_categories(ann_dir):
 def workspace(tmp_path_factory):
     """(folder with data/, environment for the tools)."""
     root = tmp_path_factory.mktemp('tools')
-    write_shapes_dataset(str(root / 'data'), num_train=4, num_val=2, image_size=96,
+    write_shapes_dataset(str(root / 'data'), num_train=2, num_val=2, image_size=96,
                          seed=0, class_names=CLASSES)
     with_coco_categories(str(root / 'data' / 'coco' / 'annotations'))
     hub = root / 'torch' / 'hub' / 'checkpoints'
@@ -89,6 +90,15 @@ def workspace(tmp_path_factory):
     env = dict(os.environ, TORCH_HOME=str(root / 'torch'), OMP_NUM_THREADS='1',
                MKL_NUM_THREADS='1', PYTHON=sys.executable, PYTHONWARNINGS='ignore')
     return root, env
+
+
+def load_script(path):
+    """A script of the repository as a module (``tools/test.py`` is no importable name)."""
+    spec = importlib.util.spec_from_file_location(
+        'script_' + osp.splitext(osp.basename(path))[0], osp.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port() -> str:
@@ -151,22 +161,25 @@ def confident_checkpoint(checkpoint, out):
     return out
 
 
-@pytest.mark.parametrize('config,length,metric', [
-    (RETINANET, 'train_cfg.max_epochs={}', 'coco/bbox_mAP'),
-    (MASK_RCNN, 'train_cfg.max_epochs={}', 'coco/segm_mAP'),
-    (SEM_FPN, 'train_cfg.max_iters={}', 'mIoU'),
-], ids=['retinanet', 'mask_rcnn', 'sem_fpn'])
-def test_train_resume_test(workspace, config, length, metric):
-    """Train one epoch (or iteration), resume for a second one, test the result."""
-    root, env = workspace
+def train_then_resume(root, env, config, processes=1):
+    """Train one epoch (or iteration) with ``processes`` processes, then resume the run
+    with one process for a second one; returns the last checkpoint."""
     name = osp.splitext(osp.basename(config))[0]
     work_dir = root / 'work_dirs' / name
-    by_iter = 'iters' in length
+    by_iter = config == SEM_FPN  # an IterBasedTrainLoop
+    length = 'train_cfg.max_iters={}' if by_iter else 'train_cfg.max_epochs={}'
     options = small_images(config)
     if by_iter:  # validate and save after every iteration instead of every 4000
         options += ['train_cfg.val_interval=1', 'default_hooks.checkpoint.interval=1']
-    run(tool('train.py', config, '--work-dir', work_dir, '--cfg-options',
-             length.format(1), *options), root, env)
+    args = ('--work-dir', work_dir, '--cfg-options', length.format(1), *options)
+    if processes == 1:
+        run(tool('train.py', config, *args), root, env)
+    else:
+        cmd, denv = dist('dist_train.sh', config, processes, *args, env=env)
+        run(cmd, root, denv)
+        log = train_log(work_dir)
+        assert 'Distributed launcher: pytorch' in log
+        assert 'CPUDistributedDataParallel' in log
     first = work_dir / ('iter_1.pth' if by_iter else 'epoch_1.pth')
     assert first.is_file()
 
@@ -183,26 +196,30 @@ def test_train_resume_test(workspace, config, length, metric):
         assert 'Saving checkpoint at 1 iterations' not in log
     else:  # the resumed run trained epoch 2 only
         assert 'Epoch(train) [2]' in log and 'Epoch(train) [1]' not in log
+    return last
 
-    test_dir = root / 'test_dirs' / name
-    checkpoint = confident_checkpoint(last, root / f'{name}_confident.pth')
+
+@pytest.mark.parametrize('config,metric', [
+    (MASK_RCNN, 'coco/segm_mAP'), (SEM_FPN, 'mIoU')], ids=['mask_rcnn', 'sem_fpn'])
+def test_train_resume_test(workspace, config, metric):
+    """Train one epoch (or iteration), resume for a second one, test the result."""
+    root, env = workspace
+    last = train_then_resume(root, env, config)
+    test_dir = root / 'test_dirs' / osp.basename(config)
+    checkpoint = confident_checkpoint(last, root / 'confident.pth')
     run(tool('test.py', config, checkpoint, '--work-dir', test_dir, '--cfg-options',
              *small_images(config)), root, env)
     assert metric in read_metrics(test_dir)
 
 
-def test_two_processes_on_cpu(workspace):
-    """dist_train.sh and dist_test.sh with 2 gloo processes; the two-process test makes
-    the very predictions and reports the very metrics of the one-process test."""
+def test_retinanet_two_processes_on_cpu(workspace):
+    """RetinaNet: dist_train.sh with 2 gloo processes, resumed by train.py with one; then
+    dist_test.sh with 2 processes makes the very predictions and reports the very metrics
+    of test.py with one."""
     root, env = workspace
     options = small_images(RETINANET)
-    work_dir = root / 'work_dirs' / 'dist_retinanet'
-    cmd, denv = dist('dist_train.sh', RETINANET, 2, '--work-dir', work_dir,
-                     '--cfg-options', 'train_cfg.max_epochs=1', *options, env=env)
-    run(cmd, root, denv)
-    log = train_log(work_dir)
-    assert 'Distributed launcher: pytorch' in log and 'CPUDistributedDataParallel' in log
-    checkpoint = confident_checkpoint(work_dir / 'epoch_1.pth', root / 'confident.pth')
+    last = train_then_resume(root, env, RETINANET, processes=2)
+    checkpoint = confident_checkpoint(last, root / 'confident.pth')
 
     run(tool('test.py', RETINANET, checkpoint, '--work-dir', root / 'test_dirs' / 'one',
              '--out', root / 'one.pkl', '--cfg-options', *options), root, env)
@@ -226,21 +243,29 @@ def test_two_processes_on_cpu(workspace):
         assert torch.equal(a['bboxes'], b['bboxes'])
 
 
-@pytest.mark.parametrize('script,config,expected', [
-    ('train.py', RETINANET, ('data/coco/annotations/instances_train2017.json',
-                             'https://cocodataset.org')),
-    ('test.py', SEM_FPN, ('data/ade/ADEChallengeData2016/images/validation',
-                          'ADEChallengeData2016.zip')),
-], ids=['train_coco', 'test_ade20k'])
-def test_missing_data_message(tmp_path, workspace, script, config, expected):
+def test_missing_coco_stops_training_with_a_message(tmp_path, workspace):
     _, env = workspace
+    result = run(tool('train.py', RETINANET), tmp_path, env, expect_rc=2)
+    assert 'Traceback' not in result.stderr
+    assert 'missing annotation file: data/coco/annotations/instances_train2017.json' \
+        in result.stderr
+    assert 'https://cocodataset.org/#download' in result.stderr
+    assert not (tmp_path / 'work_dirs').exists()
+
+
+def test_missing_ade20k_stops_testing_with_a_message(tmp_path, monkeypatch, capsys):
+    """The same check in test.py, run in this process (no second start-up)."""
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'')
-    args = [config] if script == 'train.py' else [config, checkpoint]
-    result = run(tool(script, *args), tmp_path, env, expect_rc=2)
-    assert 'Traceback' not in result.stderr
-    for text in expected:
-        assert text in result.stderr
+    monkeypatch.chdir(tmp_path)
+    test_tool = load_script('tools/test.py')
+    with pytest.raises(SystemExit) as exit_info:
+        test_tool.main([SEM_FPN, str(checkpoint)])
+    assert exit_info.value.code == 2
+    message = capsys.readouterr().err
+    assert 'missing img_path folder: data/ade/ADEChallengeData2016/images/validation' \
+        in message
+    assert 'ADEChallengeData2016.zip' in message
     assert not (tmp_path / 'work_dirs').exists()
 
 
@@ -271,10 +296,6 @@ def test_checkpoint_globals_stay_safe(tmp_path):
 
 
 def test_get_flops_reproduces_the_paper_for_convmlp_s():
-    sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
-    try:
-        import get_flops
-    finally:
-        sys.path.pop(0)
+    get_flops = load_script('tools/analysis/get_flops.py')
     macs, params = get_flops.count(get_flops.imagenet_model('s'), 224, 224)
     assert round(macs, 1) == 2.4 and round(params, 1) == 9.0

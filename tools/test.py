@@ -67,7 +67,6 @@ def main(argv=None):
         if scope != 'mmseg':
             sys.exit('--out: give a .pkl or .pickle file to save the predictions in.')
         cfg.test_evaluator.output_dir = args.out
-        cfg.test_evaluator.keep_results = True
 
     runner = build_runner(cfg, args, TEST_SECTIONS)
     if args.out and args.out.endswith(PICKLE):
