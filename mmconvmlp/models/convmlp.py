@@ -314,8 +314,6 @@ class ConvMLPFeatures(nn.Module):
         #: Channels of the four taps, in order.
         self.tap_channels: Tuple[int, ...] = (stem, widths[0], widths[1], widths[2])
         self.apply(init_from_scratch)
-        # Convolution weights in channels-last memory too, so no call reorders them.
-        self.to(memory_format=torch.channels_last)
 
     def parts(self) -> List[nn.Module]:
         """The parts that ``frozen_stages`` counts, in order."""
