@@ -14,7 +14,7 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmconvmlp.runner_utils import (TRAIN_SECTIONS, build_runner,  # noqa: E402
-                                    checkpoint_globals, load_config, make_parser)
+                                    checkpoint_globals, load_config, make_parser, use_amp)
 
 
 def parse_args(argv=None):
@@ -25,7 +25,8 @@ def parse_args(argv=None):
         help='continue a run: from CHECKPOINT, or, with no value, from the latest '
              'checkpoint in the work dir')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (dynamic loss scaling)')
+                        help='automatic mixed precision: float16 with dynamic loss scaling '
+                             'on CUDA, bfloat16 autocast without CUDA')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual total batch size over '
                              'the config\'s auto_scale_lr.base_batch_size')
@@ -36,12 +37,7 @@ def main(argv=None):
     args = parse_args(argv)
     cfg = load_config(args)
     if args.amp:
-        wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
-        if wrapper_type not in ('OptimWrapper', 'AmpOptimWrapper'):
-            sys.exit(f'--amp: the config uses the optimizer wrapper {wrapper_type!r}; '
-                     'only OptimWrapper can be switched to AmpOptimWrapper.')
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        use_amp(cfg)
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             sys.exit('--auto-scale-lr needs auto_scale_lr = dict(base_batch_size=...) in '
