@@ -125,13 +125,16 @@ def draw_predictions(config, checkpoint, out_file, num_images=12, score_thr=SCOR
     from pycocotools.coco import COCO
 
     import mmconvmlp  # noqa: F401  (registers ConvMLP)
+    from mmconvmlp.runner_utils import checkpoint_globals
 
     cfg = Config.fromfile(config)
     dataset = cfg.val_dataloader.dataset
     coco = COCO(osp.join(dataset.data_root, dataset.ann_file))
     img_dir = osp.join(dataset.data_root, dataset.data_prefix['img'])
     classes = list(dataset.metainfo['classes'])
-    model = init_detector(cfg, checkpoint, device='cpu')
+    # mmengine checkpoints hold more than tensors: allow those classes to torch's safe loading.
+    with checkpoint_globals():
+        model = init_detector(cfg, checkpoint, device='cpu')
     font = ImageFont.load_default()
 
     tiles = []
