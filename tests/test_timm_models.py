@@ -153,10 +153,12 @@ def test_forward_intermediates():
 
 def test_inside_mmseg_timm_backbone():
     """mmseg's TIMMBackbone builds the timm ConvMLP and hands FPN the four maps."""
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
-    backbone = MODELS.build(dict(type='TIMMBackbone', model_name='convmlp_s',
-                                 features_only=True, pretrained=False,
-                                 out_indices=(0, 1, 2, 3)))
+    with DefaultScope.overwrite_default_scope('mmseg'):  # whatever scope earlier tests set
+        backbone = MODELS.build(dict(type='TIMMBackbone', model_name='convmlp_s',
+                                     features_only=True, pretrained=False,
+                                     out_indices=(0, 1, 2, 3)))
     backbone.init_weights()
     backbone.eval()
     with torch.no_grad():
