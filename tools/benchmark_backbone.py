@@ -6,8 +6,9 @@ time of each, the speed-up and how far the outputs of the two differ.
     python tools/benchmark_backbone.py                 # ConvMLP-S, the two cases below
     python tools/benchmark_backbone.py --arch l --repeats 10 --device cuda
 
-Cases: inference on 1x3x800x1216 (eval mode, no gradients) and a training step (forward,
-backward) on 2x3x512x512.
+Cases: inference on 1x3x800x1216 (eval mode, no gradients), and a training step (forward,
+backward) on 2x3x512x512 with BatchNorm in training mode and with frozen BatchNorm statistics
+(``norm_eval``, as detection fine-tuning often runs).
 """
 import argparse
 import statistics
@@ -80,19 +81,24 @@ def main() -> None:
                                          args.warmup, device)
     rows.append(('inference', '1x3x800x1216', t_ref, t_ours, f'{diff:.1e}'))
 
-    # Training step.
+    # Training steps.
     x = torch.randn(2, 3, 512, 512, device=device)
-    ours.train()
-    reference.train()
 
     def train_step(model):
         def step():
             model.zero_grad(set_to_none=True)
             sum(out.mean() for out in model(x)).backward()
         return step
-    t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)], args.repeats,
-                                     args.warmup, device)
-    rows.append(('train step (fwd+bwd)', '2x3x512x512', t_ref, t_ours, '-'))
+    for case, norm_eval in (('train step (fwd+bwd)', False), ('  with norm_eval', True)):
+        for model in (ours, reference):
+            model.train()
+            if norm_eval:
+                for module in model.modules():
+                    if isinstance(module, torch.nn.BatchNorm2d):
+                        module.eval()
+        t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)],
+                                         args.repeats, args.warmup, device)
+        rows.append((case, '2x3x512x512', t_ref, t_ours, '-'))
 
     print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
           f'torch {torch.__version__}), median of {args.repeats} runs\n')
