@@ -46,7 +46,7 @@ def test_classifier_is_norm_mean_linear():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits = model(x)
-        last = model.forward_final(x)  # (B, H/32, W/32, 512)
+        last = list(model.forward_taps(x))[-1][1].permute(0, 2, 3, 1)  # (B, H/32, W/32, 512)
         expected = model.head(model.norm(last).mean(dim=(1, 2)))
         features = model.forward_features(x)
         pooled = model.forward_head(features, pre_logits=True)

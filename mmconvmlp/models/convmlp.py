@@ -337,9 +337,3 @@ class ConvMLPFeatures(nn.Module):
             return
         x = self.stages[2](self.stages[1](x))
         yield 3, x.permute(0, 3, 1, 2)
-
-    def forward_final(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) -> the last stage's (B, H/32, W/32, D2) map, channels last."""
-        for _, tap in self.forward_taps(x):
-            pass
-        return tap.permute(0, 2, 3, 1)

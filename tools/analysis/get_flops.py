@@ -49,31 +49,12 @@ DEFAULT_SHAPES = {'imagenet': [(224, 224)], 'mmdet': [(1280, 800)],
                   'mmseg': [(2048, 512), (512, 512)]}
 
 
-class ConvMLPClassifier(nn.Module):
-    """The ImageNet model: backbone, LayerNorm, mean over positions, Linear."""
-
-    def __init__(self, arch: str, num_classes: int = 1000):
-        super().__init__()
-        from mmconvmlp.models import ConvMLPFeatures
-        self.features = ConvMLPFeatures(arch)
-        width = self.features.tap_channels[-1]
-        self.norm = nn.LayerNorm(width)
-        self.head = nn.Linear(width, num_classes)
-
-    def forward(self, x):
-        x = self.norm(self.features.forward_final(x))
-        return self.head(x.mean(dim=(1, 2)))
-
-
 def imagenet_model(arch: str) -> nn.Module:
-    """The timm model of the package when it exists, else the classifier above."""
-    try:
-        import timm
+    """The paper's ImageNet classifier: the timm model ``convmlp_{arch}``."""
+    import timm
 
-        import mmconvmlp.models.timm_models  # noqa: F401  (registers convmlp_s/m/l)
-        return timm.create_model(f'convmlp_{arch}', pretrained=False)
-    except (ImportError, RuntimeError):
-        return ConvMLPClassifier(arch)
+    import mmconvmlp  # noqa: F401  (registers convmlp_s/m/l)
+    return timm.create_model(f'convmlp_{arch}', pretrained=False)
 
 
 def build_from_config(config: str) -> nn.Module:
