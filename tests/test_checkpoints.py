@@ -195,7 +195,8 @@ def test_names_and_shapes_are_checked_against_the_config(tmp_path):
 
 
 def test_one_command_then_tools_test(tmp_path, capsys):
-    """The documented route for a downloaded file: the converter, then tools/test.py."""
+    """The documented route for a downloaded file: tools/test.py on it as downloaded says to
+    convert it; the converter, then tools/test.py."""
     from mmconvmlp.datasets import write_shapes_dataset
     write_shapes_dataset(str(tmp_path / 'data'), num_train=1, num_val=1, image_size=64,
                          seed=0)
@@ -204,6 +205,13 @@ def test_one_command_then_tools_test(tmp_path, capsys):
     write_released(src, source.state_dict(), old_meta())
     env = dict(os.environ, OMP_NUM_THREADS='1', PYTHONWARNINGS='ignore')
     run = dict(cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+
+    refused = subprocess.run([sys.executable, osp.join(ROOT, 'tools/test.py'),
+                              CONFIGS['fpn'], str(src), '--work-dir', str(tmp_path / 'work')],
+                             **run)
+    assert refused.returncode != 0
+    assert 'convert_released_checkpoint.py' in refused.stderr, refused.stderr[-4000:]
+    assert 'Traceback' not in refused.stderr
 
     converter = runpy.run_path(CONVERTER, run_name='converter')
     assert converter['main']([str(src), str(dst)]) == 0

@@ -9,6 +9,7 @@ The metrics are printed and written as JSON to WORK_DIR/TIMESTAMP/TIMESTAMP.json
 Several processes: ``bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCESSES [options]``.
 """
 import os.path as osp
+import pickle
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -76,8 +77,15 @@ def main(argv=None):
             from mmengine.evaluator import DumpResults as Dump
         runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
     # The checkpoint (an mmengine one) is read with torch.load's safe loading.
-    with checkpoint_globals():
-        runner.test()
+    try:
+        with checkpoint_globals():
+            runner.test()
+    except pickle.UnpicklingError as err:
+        sys.exit(f'{args.checkpoint} holds objects that safe loading refuses, as the '
+                 f'authors\' MMDetection 2.x / MMSegmentation 0.x releases do:\n  {err}\n'
+                 'Convert it once (nothing in it is run), then test the converted file:\n'
+                 f'  python tools/model_converters/convert_released_checkpoint.py '
+                 f'{args.checkpoint} CONVERTED.pth')
 
 
 if __name__ == '__main__':
