@@ -210,15 +210,15 @@ class ConvDownsample(nn.Module):
 
 
 class ConvMLPStage(nn.Module):
-    """(B, H, W, D) -> (B, H, W, D), or (B, H/2, W/2, D_next) when it downsamples."""
+    """(B, H, W, D) -> (B, H, W, D), or (B, H/2, W/2, D_next) when it downsamples.
+    One block per entry of ``drop_path_rates``."""
 
-    def __init__(self, num_blocks: int, width: int, hidden: int, out_width: int = 0,
-                 drop_path_rates: Sequence[float] = (), with_cp: bool = False):
+    def __init__(self, width: int, hidden: int, drop_path_rates: Sequence[float],
+                 out_width: int = 0, with_cp: bool = False):
         super().__init__()
         self.with_cp = with_cp
-        rates = list(drop_path_rates) or [0.] * num_blocks
         self.blocks = nn.ModuleList(
-            ConvMLPBlock(width, hidden, rate) for rate in rates)
+            ConvMLPBlock(width, hidden, rate) for rate in drop_path_rates)
         self.downsample_mlp = ConvDownsample(width, out_width) if out_width else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -307,9 +307,9 @@ class ConvMLPFeatures(nn.Module):
                                      norm_layer, with_cp)
         rates = per_stage_drop_path_rates(blocks, drop_path_rate)
         self.stages = nn.ModuleList(
-            ConvMLPStage(blocks[i], widths[i], int(widths[i] * settings['mlp_ratios'][i]),
+            ConvMLPStage(widths[i], int(widths[i] * settings['mlp_ratios'][i]), rates[i],
                          out_width=widths[i + 1] if i + 1 < len(widths) else 0,
-                         drop_path_rates=rates[i], with_cp=with_cp)
+                         with_cp=with_cp)
             for i in range(len(blocks)))
         #: Channels of the four taps, in order.
         self.tap_channels: Tuple[int, ...] = (stem, widths[0], widths[1], widths[2])

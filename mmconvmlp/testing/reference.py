@@ -70,7 +70,7 @@ class _Downsample(nn.Module):
 
 
 class _Stage(nn.Module):
-    def __init__(self, n: int, d: int, h: int, d_next: int, rates):
+    def __init__(self, d: int, h: int, d_next: int, rates):
         super().__init__()
         self.blocks = nn.ModuleList(_Block(d, h, r) for r in rates)
         if d_next:
@@ -93,7 +93,7 @@ class ReferenceConvMLP(nn.Module):
         self.conv_stages = _ConvStage(a['conv_blocks'], a['stem_width'], w[0])
         rates = per_stage_drop_path_rates(a['blocks'], drop_path_rate)
         self.stages = nn.ModuleList(
-            _Stage(a['blocks'][i], w[i], int(w[i] * a['mlp_ratios'][i]), w[i + 1] if i < 2 else 0,
+            _Stage(w[i], int(w[i] * a['mlp_ratios'][i]), w[i + 1] if i < 2 else 0,
                    rates[i])
             for i in range(3))
 
