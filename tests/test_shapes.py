@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from mmconvmlp.datasets import DEFAULT_CLASSES, mask_to_polygons, write_shapes_dataset
-from mmconvmlp.datasets.shapes import rasterize, shape_polygon
+from mmconvmlp.datasets.shapes import ADE_OTHER, rasterize, render_image, shape_polygon
 
 REPO = osp.dirname(osp.dirname(osp.abspath(__file__)))
 DEMO_CONFIGS = {
@@ -139,6 +139,25 @@ def test_polygons_of_a_mask_give_back_the_mask():
     ring[2:7, 2:7] = True
     ring[4, 4] = False
     assert mask_to_polygons(ring)[1] == 1
+
+
+def test_difficulty_settings():
+    """Strokes, sizes and occlusion follow the keyword arguments."""
+    def render(seed, **kwargs):
+        return render_image(np.random.default_rng(seed), 96, 4, DEFAULT_CLASSES,
+                            max_objects=3, **kwargs)
+    for seed in range(6):
+        _, labels, objects = render(seed, max_strokes=0)
+        assert not (labels == ADE_OTHER).any()
+        _, labels, objects = render(seed, max_strokes=9, min_size=0.4, max_size=0.5,
+                                    min_visible=0.9)
+        assert (labels == ADE_OTHER).any()
+        for obj in objects:
+            # A shape of size s spans at least ~0.78 s in its longest direction (a squat
+            # triangle), minus what little of it may be hidden, unless the border cuts it.
+            x, y, w, h = obj['bbox']
+            cut = x == 0 or y == 0 or x + w == 96 or y + h == 96
+            assert cut or max(w, h) >= 0.4 * 96 * 0.7
 
 
 def test_other_class_names_and_the_cli(tmp_path):

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 SCALE = 2          # validation images are small: draw them bigger
-SCORE_THR = 0.3
+SCORE_THR = 0.5
 
 
 def parse_args(argv=None):

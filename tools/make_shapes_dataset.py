@@ -16,7 +16,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--out', default='data/shapes', help='output folder (data/shapes)')
-    parser.add_argument('--num-train', type=int, default=600, help='training images (600)')
+    parser.add_argument('--num-train', type=int, default=1000, help='training images (1000)')
     parser.add_argument('--num-val', type=int, default=100, help='validation images (100)')
     parser.add_argument('--image-size', type=int, default=96, help='image side in pixels (96)')
     parser.add_argument('--seed', type=int, default=0, help='random seed (0)')

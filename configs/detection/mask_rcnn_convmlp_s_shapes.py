@@ -48,9 +48,11 @@ test_evaluator = val_evaluator
 max_epochs = 3
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
 # float32: mmcv's RoIAlign has no bfloat16 CPU kernel, so no BF16AutocastOptimWrapper here.
-optim_wrapper = dict(optimizer=dict(lr=4e-4), clip_grad=dict(max_norm=10, norm_type=2))
+# The RetinaNet demo's learning rate; `fused` only changes how AdamW's update is computed.
+optim_wrapper = dict(optimizer=dict(lr=1e-3, fused=True),
+                     clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=150),
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, T_max=max_epochs,
          eta_min_ratio=0.05, convert_to_iter_based=True),
 ]

@@ -31,9 +31,10 @@ test_pipeline = [
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor')),
 ]
-# Two CPU cores: one loader process is plenty for 96x96 JPEGs.
+# Two CPU cores: one loader process is plenty for 96x96 JPEGs. Eight images a step use the
+# cores better than four (the per-step cost of the convolutions' weight layouts is shared).
 train_dataloader = dict(
-    batch_size=4, num_workers=1,
+    batch_size=8, num_workers=1,
     dataset=dict(data_root=data_root, metainfo=metainfo, pipeline=train_pipeline))
 val_dataloader = dict(
     batch_size=10, num_workers=1,
@@ -42,14 +43,15 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
-# From scratch: a 10x larger learning rate than the paper's fine-tuning one, a short
-# warm-up, cosine decay; validation after every epoch for the training curves.
-max_epochs = 8
+# From scratch: a 10x larger learning rate than the paper's fine-tuning one (twice this
+# diverged), a short warm-up, cosine decay; validation after every epoch for the training
+# curves. `fused` only changes how AdamW's update is computed (one kernel for all parameters).
+max_epochs = 10
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
-optim_wrapper = dict(type='BF16AutocastOptimWrapper', optimizer=dict(lr=4e-4),
+optim_wrapper = dict(type='BF16AutocastOptimWrapper', optimizer=dict(lr=1e-3, fused=True),
                      clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [
-    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=150),
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, T_max=max_epochs,
          eta_min_ratio=0.05, convert_to_iter_based=True),
 ]

@@ -211,12 +211,14 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return img
 
 
-def _draw_clutter(rng: np.random.Generator, img: np.ndarray, labels: np.ndarray) -> None:
-    """Thin strokes and arcs: distractors, labelled 'other' (0) in the semantic maps."""
+def _draw_clutter(rng: np.random.Generator, img: np.ndarray, labels: np.ndarray,
+                  max_strokes: int) -> None:
+    """Up to ``max_strokes`` thin strokes and arcs: distractors, labelled 'other' (0) in the
+    semantic maps."""
     h, w = labels.shape
     layer = Image.new('L', (w, h), 0)
     draw = ImageDraw.Draw(layer)
-    for _ in range(int(rng.integers(2, 8))):
+    for _ in range(int(rng.integers(max_strokes // 3, max_strokes + 1))):
         x0, x1 = rng.uniform(-0.2, 1.2, 2) * w
         y0, y1 = rng.uniform(-0.2, 1.2, 2) * h
         width = int(rng.integers(1, 3))
@@ -234,13 +236,14 @@ def _draw_clutter(rng: np.random.Generator, img: np.ndarray, labels: np.ndarray)
 
 def render_image(rng: np.random.Generator, image_size: int, num_classes: int,
                  shapes: Sequence[str], min_objects: int = 2, max_objects: int = 5,
-                 min_size: float = 0.2, max_size: float = 0.7, min_visible: float = 0.5):
-    """Draw one image. Returns ``(rgb uint8 (H, W, 3), ade labels uint8 (H, W), objects)``
+                 min_size: float = 0.3, max_size: float = 0.8, min_visible: float = 0.7,
+                 max_strokes: int = 3, textured_fill: float = 0.1):
+    """Draw one image (see :func:`write_shapes_dataset` for the keyword arguments). Returns ``(rgb uint8 (H, W, 3), ade labels uint8 (H, W), objects)``
     with one ``dict(category=index, polygons=[...], bbox=[x, y, w, h], area=n)`` per shape."""
     h = w = int(image_size)
     img = _background(rng, h, w)
     labels = np.full((h, w), ADE_BACKGROUND, np.uint8)
-    _draw_clutter(rng, img, labels)
+    _draw_clutter(rng, img, labels, max_strokes)
 
     ids = np.zeros((h, w), np.int32)       # which shape (1-based) shows at each pixel
     placed = []                            # (category, polygon area, full in-image mask)
@@ -273,7 +276,7 @@ def render_image(rng: np.random.Generator, image_size: int, num_classes: int,
                         if np.abs(fill - img[mask].mean(0)).sum() >= 120:
                             break
                         fill = _random_colour(rng)
-                    if rng.random() < 0.3:   # textured fill
+                    if rng.random() < textured_fill:
                         texture = _pattern(rng, h, w)
                         img[mask] = 0.5 * texture[mask] + 0.5 * fill
                     else:
@@ -339,7 +342,7 @@ def _write_split(root: str, split: str, num_images: int, image_size: int, seed: 
 
 
 def write_shapes_dataset(root: str,
-                         num_train: int = 600,
+                         num_train: int = 1000,
                          num_val: int = 100,
                          image_size: int = 96,
                          seed: int = 0,
@@ -358,8 +361,10 @@ def write_shapes_dataset(root: str,
             with COCO's classes find them) draw the shapes of :data:`SHAPE_KINDS` in order.
         shapes: which shape to draw for each class, overriding the rule above.
         render_kwargs: ``min_objects``, ``max_objects`` (shapes per image, 2 and 5),
-            ``min_size``, ``max_size`` (shape extent as a fraction of the image, 0.2 and 0.7),
-            ``min_visible`` (the least fraction of a shape left visible, 0.5).
+            ``min_size``, ``max_size`` (shape extent as a fraction of the image, 0.3 and 0.8),
+            ``min_visible`` (the least fraction of a shape left visible, 0.7),
+            ``max_strokes`` (distracting strokes per image, from a third of it to it, 3),
+            ``textured_fill`` (the probability that a shape is filled with a texture, 0.1).
 
     Returns:
         dict with the paths of ``coco_root``, ``ade_root``, ``train_ann`` and ``val_ann``.
