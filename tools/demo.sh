@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole pipeline in one command, on a CPU (about 20 minutes on 2 busy cores, once set up):
+# The whole pipeline in one command, on a CPU (about 10 minutes on 2 idle cores, once set up):
 #   1. sets up .venv/ (tools/setup_env.sh; seconds when it is already there),
 #   2. writes the shapes data set to data/shapes/ (tools/make_shapes_dataset.py),
 #   3. trains RetinaNet + ConvMLP-S on it from scratch (tools/train.py; the log shows the

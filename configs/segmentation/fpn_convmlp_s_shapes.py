@@ -49,8 +49,8 @@ val_dataloader = dict(
                                   seg_map_path='annotations/validation')))
 test_dataloader = val_dataloader
 
-max_iters = 1000
-interval = 125
+max_iters = 2000
+interval = 250
 train_cfg = dict(max_iters=max_iters, val_interval=interval)
 # The paper's AdamW (weight decay 1e-4) with the detection demo's learning rate and gradient
 # clipping; `fused` only changes how the update is computed (one kernel for all parameters).
