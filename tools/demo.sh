@@ -17,15 +17,21 @@ config=configs/detection/retinanet_convmlp_s_shapes.py
 work_dir=${WORK_DIR:-work_dirs/demo_retinanet}
 data=data/shapes
 py=.venv/bin/python
-# PyTorch runs one thread per core. On a machine that is busy with other work, its threads
-# wait on each other and a training step can get many times slower: use the idle cores only.
-if [ -z "${OMP_NUM_THREADS:-}" ]; then
-  cores=$(nproc)
-  busy=$(awk '{printf "%d", $1 + 0.5}' /proc/loadavg)
-  OMP_NUM_THREADS=$(( cores - busy > 1 ? cores - busy : 1 ))
-  export OMP_NUM_THREADS
-fi
 step() { printf '\n==== %s ====\n' "$*"; }
+# PyTorch runs one thread per core. On a machine that is busy with other work, its threads
+# wait on each other and a training step can get many times slower: use the cores that are
+# idle now (measured over one second; the load average lags by minutes after a finished job).
+cpu_ticks() {  # idle (idle + iowait) and total ticks of all cores since boot
+  awk '/^cpu /{t = 0; for (i = 2; i <= NF; i++) t += $i; print $5 + $6, t}' /proc/stat
+}
+idle_cores() {
+  local cores=$(nproc) idle1 total1 idle2 total2
+  read -r idle1 total1 < <(cpu_ticks)
+  sleep 1
+  read -r idle2 total2 < <(cpu_ticks)
+  awk -v c="$cores" -v di=$((idle2 - idle1)) -v dt=$((total2 - total1)) \
+    'BEGIN { n = dt > 0 ? int(c * di / dt + 0.5) : c; print (n > 1 ? n : 1) }'
+}
 
 step "1/5 environment (tools/setup_env.sh)"
 bash tools/setup_env.sh
@@ -33,6 +39,10 @@ bash tools/setup_env.sh
 step "2/5 data: $data"
 "$py" tools/make_shapes_dataset.py --out "$data"
 
+if [ -z "${OMP_NUM_THREADS:-}" ]; then
+  OMP_NUM_THREADS=$(idle_cores)
+  export OMP_NUM_THREADS
+fi
 step "3/5 training $config (from scratch, $OMP_NUM_THREADS thread(s); work dir $work_dir)"
 start=$(date +%s)
 "$py" tools/train.py "$config" --work-dir "$work_dir"
