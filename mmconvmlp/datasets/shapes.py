@@ -238,8 +238,10 @@ def render_image(rng: np.random.Generator, image_size: int, num_classes: int,
                  shapes: Sequence[str], min_objects: int = 2, max_objects: int = 5,
                  min_size: float = 0.3, max_size: float = 0.8, min_visible: float = 0.7,
                  max_strokes: int = 3, textured_fill: float = 0.1):
-    """Draw one image (see :func:`write_shapes_dataset` for the keyword arguments). Returns ``(rgb uint8 (H, W, 3), ade labels uint8 (H, W), objects)``
-    with one ``dict(category=index, polygons=[...], bbox=[x, y, w, h], area=n)`` per shape."""
+    """Draw one image (:func:`write_shapes_dataset` describes the keyword arguments).
+
+    Returns ``(rgb uint8 (H, W, 3), ade labels uint8 (H, W), objects)`` with one
+    ``dict(category=index, polygons=[...], bbox=[x, y, w, h], area=n)`` per shape."""
     h = w = int(image_size)
     img = _background(rng, h, w)
     labels = np.full((h, w), ADE_BACKGROUND, np.uint8)
