@@ -142,12 +142,12 @@ def test_polygons_of_a_mask_give_back_the_mask():
 
 
 def test_difficulty_settings():
-    """Strokes, sizes and occlusion follow the keyword arguments."""
+    """The number of strokes and the shape sizes follow the keyword arguments."""
     def render(seed, **kwargs):
         return render_image(np.random.default_rng(seed), 96, 4, DEFAULT_CLASSES,
                             max_objects=3, **kwargs)
     for seed in range(6):
-        _, labels, objects = render(seed, max_strokes=0)
+        _, labels, _ = render(seed, max_strokes=0)
         assert not (labels == ADE_OTHER).any()
         _, labels, objects = render(seed, max_strokes=9, min_size=0.4, max_size=0.5,
                                     min_visible=0.9)
