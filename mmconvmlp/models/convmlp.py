@@ -24,7 +24,6 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch.utils.checkpoint import checkpoint
 
 NormLayer = Callable[[int], nn.Module]
@@ -78,23 +77,27 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, stride: int,
 class ConvNormReLUStack(nn.Sequential):
     """``[conv, norm, ReLU] * n`` then optional trailing layers, as a flat ``nn.Sequential``
     (so parameter names are ``{0,3,6}.weight`` for the convs, ``{1,4,7}.*`` for the norms).
+    A trailing max-pool runs before the last ReLU: the two commute, and the ReLU then works
+    on a quarter of the memory.
 
     Takes and returns channels-last-memory (B, C, H, W). Where a BatchNorm uses its running
     statistics (eval mode, ``norm_eval``, frozen stages) it is folded into the convolution's
     weights instead of making its own pass over the activations; gradients still reach all
-    parameters. 1x1 convolutions run as a matrix product over the channels-last memory."""
+    parameters."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         num_triples = len(self) // 3
+        tail = list(self)[3 * num_triples:]
         for i in range(num_triples):
             conv, norm, act = self[3 * i], self[3 * i + 1], self[3 * i + 2]
             if uses_running_stats(norm):
-                weight, bias = fold_batchnorm(conv, norm)
-                x = conv_channels_last(conv, x, weight, bias)
+                x = conv_with(conv, x, *fold_batchnorm(conv, norm))
             else:
-                x = norm(conv_channels_last(conv, x, conv.weight, conv.bias))
+                x = norm(conv(x))
+            if i == num_triples - 1 and tail and isinstance(tail[0], nn.MaxPool2d):
+                x = tail.pop(0)(x)
             x = act(x)
-        for layer in list(self)[3 * num_triples:]:
+        for layer in tail:
             x = layer(x)
         return x
 
@@ -118,12 +121,9 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm
     return conv.weight * scale.view(-1, 1, 1, 1), shift
 
 
-def conv_channels_last(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
-                       bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``conv``'s geometry with the given weight and bias on channels-last-memory
-    (B, C, H, W); a pointwise conv becomes one matrix product over the (B, H, W, C) memory."""
-    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.groups == 1:
-        return F.linear(x.permute(0, 2, 3, 1), weight.flatten(1), bias).permute(0, 3, 1, 2)
+def conv_with(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+              bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv``'s geometry with the given weight and bias."""
     return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 
@@ -190,12 +190,33 @@ class ConvMLPBlock(nn.Module):
         self.connect = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
         self.norm2 = nn.LayerNorm(width)
         self.channel_mlp2 = ChannelMLP(width, hidden)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = ResidualDropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = add_residual(x, self.drop_path(self.channel_mlp1(self.norm1(x))))
+        x = self.drop_path(x, self.channel_mlp1(self.norm1(x)))
         x = channels_last_conv(self.connect, self.connect_norm(x))
-        return add_residual(x, self.drop_path(self.channel_mlp2(self.norm2(x))))
+        return self.drop_path(x, self.channel_mlp2(self.norm2(x)))
+
+
+class ResidualDropPath(nn.Module):
+    """``x + branch`` with stochastic depth: in training, each sample's branch is dropped
+    with probability ``drop_prob`` and scaled by ``1 / (1 - drop_prob)`` where kept, in one
+    pass over the memory. Both (B, ...) tensors of one shape."""
+
+    def __init__(self, drop_prob: float = 0.):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.drop_prob == 0.:
+            return add_residual(x, branch)
+        keep_prob = 1. - self.drop_prob
+        mask_shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        scale = x.new_empty(mask_shape).bernoulli_(keep_prob).div_(keep_prob)
+        return torch.addcmul(x, branch, scale)
+
+    def extra_repr(self) -> str:
+        return f'drop_prob={self.drop_prob}'
 
 
 class ConvDownsample(nn.Module):
@@ -314,6 +335,9 @@ class ConvMLPFeatures(nn.Module):
         #: Channels of the four taps, in order.
         self.tap_channels: Tuple[int, ...] = (stem, widths[0], widths[1], widths[2])
         self.apply(init_from_scratch)
+        # Convolution weights in the layout of the activations they meet, so no call has to
+        # reorder them; loading weights into them keeps this layout.
+        self.to(memory_format=torch.channels_last)
 
     def parts(self) -> List[nn.Module]:
         """The parts that ``frozen_stages`` counts, in order."""
