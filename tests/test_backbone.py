@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from mmconvmlp.models import ARCH_SETTINGS, CheckpointMismatchError, ConvMLP
-from mmconvmlp.models.convmlp import ConvMLPBlock
+from mmconvmlp.models.convmlp import ConvMLPBlock, channels_first
 from mmconvmlp.testing import ReferenceConvMLP
 
 STRIDES = (4, 8, 16, 32)
@@ -282,6 +282,17 @@ def test_with_cp_recomputes_blocks_in_backward():
     model.stages[0].blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
     model(torch.randn(1, 3, 64, 64))[0].sum().backward()
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize('shape', [(2, 64, 33, 17), (1, 3, 5, 7)])
+def test_channels_first_copies_values_and_gradients(shape):
+    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = channels_first(x)
+    assert out.is_contiguous() and torch.equal(out, x.detach().contiguous())
+    cotangent = torch.randn(shape)
+    out.backward(cotangent)
+    assert torch.equal(x.grad, cotangent)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_mlp_block_keeps_channels_last_memory():

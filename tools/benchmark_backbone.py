@@ -1,7 +1,10 @@
 """Time the mmconvmlp backbone against a plain implementation in the authors' layout.
 
 Both models hold the same weights; the script prints one table with, per case, the median
-time of each, the speed-up and how far the outputs of the two differ.
+time of each, the speed-up and how far the outputs of the two differ. The runs of the two
+models alternate, and the speed-up column also gives the middle half (quartiles) of the
+per-pair speed-ups, so drift on a shared machine shows as a range instead of hiding in one
+number.
 
     python tools/benchmark_backbone.py                 # ConvMLP-S, the two cases below
     python tools/benchmark_backbone.py --arch l --repeats 10 --device cuda
@@ -13,7 +16,7 @@ backward) on 2x3x512x512 with BatchNorm in training mode and with frozen BatchNo
 import argparse
 import statistics
 import time
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -38,8 +41,8 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(fns: List[Callable[[], None]], repeats: int, warmup: int,
-                     device: torch.device) -> List[float]:
-    """Median seconds of each function; the runs alternate so drift hits both alike."""
+                     device: torch.device) -> List[List[float]]:
+    """Seconds of each run of each function; the runs alternate so drift hits all alike."""
     for fn in fns:
         for _ in range(warmup):
             fn()
@@ -51,7 +54,20 @@ def time_interleaved(fns: List[Callable[[], None]], repeats: int, warmup: int,
             fn()
             synchronize(device)
             bucket.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def summarize(case: str, shape: str, ref_times: List[float], our_times: List[float],
+              diff: str) -> Tuple[str, ...]:
+    """One table row: median times, median speed-up and the quartiles of the per-pair ones."""
+    ref, ours = statistics.median(ref_times), statistics.median(our_times)
+    ratios = [r / o for r, o in zip(ref_times, our_times)]
+    spread = ''
+    if len(ratios) >= 4:
+        low, _, high = statistics.quantiles(ratios, n=4)
+        spread = f' ({low:.2f}-{high:.2f})'
+    return (case, shape, f'{ref * 1e3:.0f} ms', f'{ours * 1e3:.0f} ms', f'{ref / ours:.2f}x{spread}',
+            diff)
 
 
 def relative_difference(outs, refs) -> float:
@@ -79,7 +95,7 @@ def main() -> None:
             return lambda: model(x)
         t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats,
                                          args.warmup, device)
-    rows.append(('inference', '1x3x800x1216', t_ref, t_ours, f'{diff:.1e}'))
+    rows.append(summarize('inference', '1x3x800x1216', t_ref, t_ours, f'{diff:.1e}'))
 
     # Training steps.
     x = torch.randn(2, 3, 512, 512, device=device)
@@ -98,13 +114,13 @@ def main() -> None:
                         module.eval()
         t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)],
                                          args.repeats, args.warmup, device)
-        rows.append((case, '2x3x512x512', t_ref, t_ours, '-'))
+        rows.append(summarize(case, '2x3x512x512', t_ref, t_ours, '-'))
 
     print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
           f'torch {torch.__version__}), median of {args.repeats} runs\n')
-    header = ('case', 'input', 'authors\' layout', 'mmconvmlp', 'speed-up', 'max rel. diff')
-    lines = [header] + [(case, shape, f'{a * 1e3:.0f} ms', f'{b * 1e3:.0f} ms', f'{a / b:.2f}x', d)
-                        for case, shape, a, b, d in rows]
+    header = ('case', 'input', 'authors\' layout', 'mmconvmlp', 'speed-up (quartiles)',
+              'max rel. diff')
+    lines = [header] + rows
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
         print('| ' + ' | '.join(cell.ljust(w) for cell, w in zip(line, widths)) + ' |')

@@ -9,7 +9,7 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .convmlp import NUM_PARTS, NUM_TAPS, ConvMLPFeatures
+from .convmlp import NUM_PARTS, NUM_TAPS, ConvMLPFeatures, channels_first
 from .weights import load_convmlp_weights, select_prefix, unwrap_state_dict
 
 
@@ -84,7 +84,7 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """(B, 3, H, W) -> the selected maps, contiguous (B, C_i, ceil(H/s_i), ceil(W/s_i))
         for strides s = 4, 8, 16, 32. Parts after the last selected map are not run."""
-        return tuple(tap.contiguous() for index, tap in
+        return tuple(channels_first(tap) for index, tap in
                      self.forward_taps(x, last=self.out_indices[-1])
                      if index in self.out_indices)
 

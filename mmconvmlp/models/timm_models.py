@@ -30,7 +30,7 @@ from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 
-from .convmlp import NUM_TAPS, ConvMLPFeatures, NormLayer, init_from_scratch
+from .convmlp import NUM_TAPS, ConvMLPFeatures, NormLayer, channels_first, init_from_scratch
 
 __all__ = ['ConvMLPClassifier', 'TAP_MODULES', 'TAP_REDUCTIONS', 'CHECKPOINT_URLS']
 
@@ -149,7 +149,7 @@ class ConvMLPClassifier(ConvMLPFeatures):
                 tap = self.norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             # Contiguous NCHW: some consumers (mmcv's CPU RoIAlign) read raw memory as NCHW.
             intermediates.append(tap.permute(0, 2, 3, 1) if output_fmt == 'NHWC'
-                                 else tap.contiguous())
+                                 else channels_first(tap))
         if intermediates_only:
             return intermediates
         return self.norm(tap.permute(0, 2, 3, 1)), intermediates
