@@ -11,7 +11,8 @@ number.
 
 Cases: inference on 1x3x800x1216 (eval mode, no gradients), and a training step (forward,
 backward) on 2x3x512x512 with BatchNorm in training mode and with frozen BatchNorm statistics
-(``norm_eval``, as detection fine-tuning often runs).
+(``norm_eval``, as detection fine-tuning often runs). ``--infer-input`` and ``--train-input``
+time other sizes.
 """
 import argparse
 import statistics
@@ -32,7 +33,22 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s own choice)')
     parser.add_argument('--device', default='cpu')
+    parser.add_argument('--infer-input', type=input_shape, default='1x3x800x1216',
+                        help='input of the inference case, BxCxHxW')
+    parser.add_argument('--train-input', type=input_shape, default='2x3x512x512',
+                        help='input of the training-step cases, BxCxHxW')
     return parser.parse_args()
+
+
+def input_shape(text: str) -> Tuple[int, ...]:
+    try:
+        shape = tuple(int(n) for n in text.lower().split('x'))
+    except ValueError:
+        shape = ()
+    if len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not an input shape: give BxCxHxW with 3 channels, e.g. 2x3x512x512')
+    return shape
 
 
 def synchronize(device: torch.device) -> None:
@@ -70,6 +86,10 @@ def summarize(case: str, shape: str, ref_times: List[float], our_times: List[flo
             diff)
 
 
+def shape_text(x: torch.Tensor) -> str:
+    return 'x'.join(map(str, x.shape))
+
+
 def relative_difference(outs, refs) -> float:
     return max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, refs))
 
@@ -85,7 +105,7 @@ def main() -> None:
 
     rows = []
     # Inference.
-    x = torch.randn(1, 3, 800, 1216, device=device)
+    x = torch.randn(args.infer_input, device=device)
     ours.eval()
     reference.eval()
     with torch.no_grad():
@@ -95,10 +115,10 @@ def main() -> None:
             return lambda: model(x)
         t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats,
                                          args.warmup, device)
-    rows.append(summarize('inference', '1x3x800x1216', t_ref, t_ours, f'{diff:.1e}'))
+    rows.append(summarize('inference', shape_text(x), t_ref, t_ours, f'{diff:.1e}'))
 
     # Training steps.
-    x = torch.randn(2, 3, 512, 512, device=device)
+    x = torch.randn(args.train_input, device=device)
 
     def train_step(model):
         def step():
@@ -114,7 +134,7 @@ def main() -> None:
                         module.eval()
         t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)],
                                          args.repeats, args.warmup, device)
-        rows.append(summarize(case, '2x3x512x512', t_ref, t_ours, '-'))
+        rows.append(summarize(case, shape_text(x), t_ref, t_ours, '-'))
 
     print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
           f'torch {torch.__version__}), median of {args.repeats} runs\n')
