@@ -1,10 +1,10 @@
 """Time the mmconvmlp backbone against a plain implementation in the authors' layout.
 
 Both models hold the same weights; the script prints one table with, per case, the median
-time of each, the speed-up and how far the outputs of the two differ. The runs of the two
-models alternate, and the speed-up column also gives the middle half (quartiles) of the
-per-pair speed-ups, so drift on a shared machine shows as a range instead of hiding in one
-number.
+time of each, the speed-up and how far the outputs of the two differ. The two models take
+turns (in short blocks, see ``time_interleaved``), and the speed-up column also gives the
+middle half (quartiles) of the speed-ups of runs paired in turn, so drift on a shared machine
+shows as a range instead of hiding in one number.
 
     python tools/benchmark_backbone.py                 # ConvMLP-S, the two cases below
     python tools/benchmark_backbone.py --arch l --repeats 10 --device cuda
@@ -57,19 +57,26 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(fns: List[Callable[[], None]], repeats: int, warmup: int,
-                     device: torch.device) -> List[List[float]]:
-    """Seconds of each run of each function; the runs alternate so drift hits all alike."""
+                     device: torch.device, block: int = 3) -> List[List[float]]:
+    """Seconds of ``repeats`` runs of each function. The functions take turns in blocks of
+    ``block`` timed runs, each block after one untimed run: drift on the machine hits all of
+    them alike, and each is timed the way a training or inference loop runs it, after a run
+    of its own (a step right after another model's meets a heap laid out for that model and
+    pays for fresh pages that a loop of its own would reuse)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    while len(times[0]) < repeats:
+        runs = min(block, repeats - len(times[0]))
         for fn, bucket in zip(fns, times):
-            synchronize(device)
-            start = time.perf_counter()
             fn()
-            synchronize(device)
-            bucket.append(time.perf_counter() - start)
+            for _ in range(runs):
+                synchronize(device)
+                start = time.perf_counter()
+                fn()
+                synchronize(device)
+                bucket.append(time.perf_counter() - start)
     return times
 
 
