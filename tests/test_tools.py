@@ -297,7 +297,7 @@ def test_checkpoint_globals_stay_safe(tmp_path):
 
 def test_benchmark_prints_one_row_per_case_and_outputs_agree():
     result = run(tool('benchmark_backbone.py', '--infer-input', '1x3x70x90',
-                      '--train-input', '2x3x64x64', '--repeats', 4, '--warmup', 0),
+                      '--train-input', '2x3x64x64', '--repeats', 4),
                  cwd=ROOT, env=os.environ)
     rows = [line.split('|')[1:-1] for line in result.stdout.splitlines()
             if line.startswith('| ') and 'authors' not in line]

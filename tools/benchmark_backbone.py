@@ -29,7 +29,6 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--arch', default='s', choices=['s', 'm', 'l'])
     parser.add_argument('--repeats', type=int, default=5, help='timed runs per case and model')
-    parser.add_argument('--warmup', type=int, default=1, help='untimed runs first')
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s own choice)')
     parser.add_argument('--device', default='cpu')
@@ -56,16 +55,14 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_interleaved(fns: List[Callable[[], None]], repeats: int, warmup: int,
-                     device: torch.device, block: int = 3) -> List[List[float]]:
+def time_interleaved(fns: List[Callable[[], None]], repeats: int, device: torch.device,
+                     block: int = 3) -> List[List[float]]:
     """Seconds of ``repeats`` runs of each function. The functions take turns in blocks of
     ``block`` timed runs, each block after one untimed run: drift on the machine hits all of
     them alike, and each is timed the way a training or inference loop runs it, after a run
     of its own (a step right after another model's meets a heap laid out for that model and
-    pays for fresh pages that a loop of its own would reuse)."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
+    pays for fresh pages that a loop of its own would reuse). The first untimed run also
+    takes the one-off costs of a first call."""
     times = [[] for _ in fns]
     while len(times[0]) < repeats:
         runs = min(block, repeats - len(times[0]))
@@ -120,8 +117,7 @@ def main() -> None:
 
         def infer(model):
             return lambda: model(x)
-        t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats,
-                                         args.warmup, device)
+        t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats, device)
     rows.append(summarize('inference', shape_text(x), t_ref, t_ours, f'{diff:.1e}'))
 
     # Training steps.
@@ -140,7 +136,7 @@ def main() -> None:
                     if isinstance(module, torch.nn.BatchNorm2d):
                         module.eval()
         t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)],
-                                         args.repeats, args.warmup, device)
+                                         args.repeats, device)
         rows.append(summarize(case, shape_text(x), t_ref, t_ours, '-'))
 
     print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
