@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from mmconvmlp.models import ARCH_SETTINGS, CheckpointMismatchError, ConvMLP
+from mmconvmlp.models import convmlp, row_bands
 from mmconvmlp.models.convmlp import ConvMLPBlock, channels_first
 from mmconvmlp.testing import ReferenceConvMLP
 
@@ -107,6 +108,56 @@ def test_matches_plain_reference_in_eval_mode():
     with torch.no_grad():
         for out, ref in zip(model(x), reference(x)):
             assert relative_error(out, ref) < 1e-5
+
+
+def record_band_runs(monkeypatch) -> list:
+    """Make bands one output row high and return a list that collects the module types
+    whose forward ran in bands."""
+    monkeypatch.setattr(row_bands, 'BAND_BYTES', 1)
+    runs, run = [], convmlp.run_in_bands
+
+    def recorded(op, x):
+        runs.append(type(op).__name__)
+        return run(op, x)
+    monkeypatch.setattr(convmlp, 'run_in_bands', recorded)
+    return runs
+
+
+@pytest.mark.parametrize('arch,shape', [('s', (1, 3, 111, 150)), ('l', (2, 3, 67, 45))])
+def test_inference_in_row_bands_matches_whole_maps(monkeypatch, arch, shape):
+    model = ConvMLP(arch=arch).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(shape)
+    with torch.no_grad():
+        with monkeypatch.context() as whole_maps:
+            whole_maps.setattr(convmlp, 'may_run_in_bands', lambda module, x: False)
+            expected = model(x)
+        runs = record_band_runs(monkeypatch)
+        outs = model(x)
+    assert len(runs) == 2  # the tokenizer and the conv stage
+    for out, exp in zip(outs, expected):
+        assert out.shape == exp.shape and out.is_contiguous()
+        assert relative_error(out, exp) < 1e-5
+
+
+def test_row_bands_only_where_no_graph_is_recorded(monkeypatch):
+    runs = record_band_runs(monkeypatch)
+    x = torch.randn(1, 3, 40, 48)
+    model = ConvMLP(arch='s')
+    with torch.no_grad():
+        model(x)  # training mode: BatchNorms need whole-map statistics
+    model.eval()
+    model(x)  # parameters that want gradients
+    assert runs == []
+    with torch.no_grad():
+        model(x)
+    assert len(runs) == 2
+    # Frozen parts run in bands in training too, and the rest still learns.
+    runs.clear()
+    model = ConvMLP(arch='s', frozen_stages=1).train()
+    sum(o.sum() for o in model(x)[2:]).backward()
+    assert len(runs) == 2
+    assert all(p.grad is not None for p in model.stages.parameters())
 
 
 def test_matches_plain_reference_in_training_outputs_gradients_and_stats():

@@ -10,7 +10,8 @@ Layout of the network and of its four feature taps (strides 4, 8, 16, 32)::
       stages[1]        ConvMLP blocks at D1, 3x3 s2 conv -> D2       (not tapped)
       stages[2]        ConvMLP blocks at D2                       -> tap 3, stride 32, D2
 
-The convolutional front end runs in ``torch.channels_last`` memory format, and the MLP
+The convolutional front end runs in ``torch.channels_last`` memory format (in inference on
+the CPU a band of rows at a time, see :mod:`.row_bands`), and the MLP
 stages work on channels-last ``(B, H, W, C)`` tensors end to end: a ``(B, C, H, W)`` view of
 such a tensor *is* channels-last memory, so the depthwise and downsampling convolutions take
 it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``.
@@ -25,6 +26,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .row_bands import ChainRows, ConvRows, MaxPoolRows, ResidualRows, RowOp, run_in_bands
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -75,31 +78,46 @@ def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, stride: int,
 
 
 class ConvNormReLUStack(nn.Sequential):
-    """``[conv, norm, ReLU] * n`` then optional trailing layers, as a flat ``nn.Sequential``
-    (so parameter names are ``{0,3,6}.weight`` for the convs, ``{1,4,7}.*`` for the norms).
-    A trailing max-pool runs before the last ReLU: the two commute, and the ReLU then works
-    on a quarter of the memory.
+    """``[conv, norm, ReLU] * n``, optionally followed by a max-pool, as a flat
+    ``nn.Sequential`` (so parameter names are ``{0,3,6}.weight`` for the convs, ``{1,4,7}.*``
+    for the norms). The max-pool runs before the last ReLU: the two commute, and the ReLU
+    then works on a quarter of the memory.
 
     Takes and returns channels-last-memory (B, C, H, W). Where a BatchNorm uses its running
     statistics (eval mode, ``norm_eval``, frozen stages) it is folded into the convolution's
     weights instead of making its own pass over the activations; gradients still reach all
     parameters."""
 
+    def triples(self) -> List[Tuple[nn.Conv2d, nn.Module, nn.Module]]:
+        return [tuple(self[i:i + 3]) for i in range(0, len(self) - 2, 3)]
+
+    def pool(self) -> Optional[nn.MaxPool2d]:
+        return self[-1] if len(self) % 3 else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        num_triples = len(self) // 3
-        tail = list(self)[3 * num_triples:]
-        for i in range(num_triples):
-            conv, norm, act = self[3 * i], self[3 * i + 1], self[3 * i + 2]
+        triples, pool = self.triples(), self.pool()
+        for i, (conv, norm, act) in enumerate(triples):
             if uses_running_stats(norm):
                 x = conv_with(conv, x, *fold_batchnorm(conv, norm))
             else:
                 x = norm(conv(x))
-            if i == num_triples - 1 and tail and isinstance(tail[0], nn.MaxPool2d):
-                x = tail.pop(0)(x)
+            if pool is not None and i == len(triples) - 1:
+                x = pool(x)
             x = act(x)
-        for layer in tail:
-            x = layer(x)
         return x
+
+    def row_op(self) -> Optional[ChainRows]:
+        """The stack as a :class:`ChainRows` with the BatchNorms folded in, or None where a
+        norm does not use running statistics."""
+        triples, pool = self.triples(), self.pool()
+        if not all(uses_running_stats(norm) for _, norm, _ in triples):
+            return None
+        ops: List[RowOp] = [ConvRows(conv, *fold_batchnorm(conv, norm), relu=True)
+                            for conv, norm, _ in triples]
+        if pool is not None:
+            ops[-1].relu = False
+            ops.append(MaxPoolRows(pool, relu=True))
+        return ChainRows(ops)
 
 
 def uses_running_stats(norm: nn.Module) -> bool:
@@ -129,7 +147,8 @@ def conv_with(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
 
 class Tokenizer(nn.Module):
     """(B, 3, H, W) -> (B, C, H/4, W/4): three 3x3 conv-BN-ReLU (the first with stride 2),
-    then a 3x3 stride-2 max-pool."""
+    then a 3x3 stride-2 max-pool. Runs in bands of rows where it may
+    (:func:`may_run_in_bands`)."""
 
     def __init__(self, stem_width: int, norm_layer: NormLayer, in_chans: int = 3):
         super().__init__()
@@ -141,12 +160,14 @@ class Tokenizer(nn.Module):
             nn.MaxPool2d(3, stride=2, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block(x)
+        op = self.block.row_op() if may_run_in_bands(self, x) else None
+        return self.block(x) if op is None else run_in_bands(op, x)
 
 
 class ConvStage(nn.Module):
     """(B, C, H, W) -> (B, D0, H/2, W/2): residual bottlenecks x + f(x) at width C with
-    f = 1x1 C->D0, 3x3 D0->D0, 1x1 D0->C (each conv-BN-ReLU), then a 3x3 stride-2 conv."""
+    f = 1x1 C->D0, 3x3 D0->D0, 1x1 D0->C (each conv-BN-ReLU), then a 3x3 stride-2 conv.
+    Runs in bands of rows where it may (:func:`may_run_in_bands`)."""
 
     def __init__(self, num_blocks: int, width: int, hidden: int, out_width: int,
                  norm_layer: NormLayer, with_cp: bool = False):
@@ -160,9 +181,20 @@ class ConvStage(nn.Module):
         self.downsample = nn.Conv2d(width, out_width, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        op = self.row_op() if may_run_in_bands(self, x) else None
+        if op is not None:
+            return run_in_bands(op, x)
         for block in self.conv_blocks:
             x = add_residual(x, run_block(block, x, self.with_cp and self.training))
         return self.downsample(x)
+
+    def row_op(self) -> Optional[ChainRows]:
+        blocks = [block.row_op() for block in self.conv_blocks]
+        if any(block is None for block in blocks):
+            return None
+        downsample = self.downsample
+        return ChainRows([*map(ResidualRows, blocks),
+                          ConvRows(downsample, downsample.weight, downsample.bias, relu=False)])
 
 
 class ChannelMLP(nn.Module):
@@ -249,6 +281,17 @@ class ConvMLPStage(nn.Module):
         if self.downsample_mlp is not None:
             x = self.downsample_mlp(x)
         return x
+
+
+def may_run_in_bands(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` may compute ``x`` in bands of rows (see :mod:`.row_bands`): on the
+    CPU, with no autograd graph to record and no graph being traced or compiled, and (checked
+    by the callers' ``row_op``) every BatchNorm using its running statistics. On a GPU the
+    caching allocator already reuses memory, and many small kernels would be slower."""
+    if x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    return not torch.is_grad_enabled() or not (
+        x.requires_grad or any(p.requires_grad for p in module.parameters()))
 
 
 def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:

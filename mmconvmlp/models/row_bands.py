@@ -1,0 +1,162 @@
+"""Inference of the convolutional front end in horizontal bands of rows.
+
+In inference the tokenizer and the convolutional stage are chains of convolutions (with
+their BatchNorms folded in), ReLUs, a max-pool and residual sums: each output row depends on
+a few neighbouring input rows only. Computed a band of rows at a time, their large
+intermediate maps (for a 1x3x800x1216 image, three of 31-62 MB) never exist whole: each band's
+intermediates are a few MB, stay in the CPU caches and come from memory the allocator already
+holds, instead of fresh pages that the operating system must fault in one by one. The results
+are those of the whole-map computation.
+
+A :class:`RowOp` maps a (B, C, H, W) band to a band; :func:`run_in_bands` drives a chain of
+them over a map. Every op here has a square window with the same ``size``/``stride``/``pad``
+across and down, and padding (zeros, or -inf for max-pooling) is added by the band logic
+where a band meets the top or bottom edge of the map.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+#: Bytes of output a band aims at: its intermediates are then a few times that.
+BAND_BYTES = 2 << 20
+
+
+class RowOp:
+    """A map from (B, C, H, W) to (B, C', H', W') whose output rows ``[lo, hi)`` depend on
+    input rows ``[lo * stride - pad, (hi - 1) * stride - pad + size)`` only. Rows outside the
+    input read as ``fill``."""
+
+    size, stride, pad, fill = 1, 1, 0, 0.
+
+    def out_size(self, n: int) -> int:
+        return (n + 2 * self.pad - self.size) // self.stride + 1
+
+    def out_channels(self, channels: int) -> int:
+        return channels
+
+    def input_rows(self, lo: int, hi: int) -> Tuple[int, int]:
+        return lo * self.stride - self.pad, (hi - 1) * self.stride - self.pad + self.size
+
+    def rows(self, band: torch.Tensor, first: int, height: int, lo: int, hi: int
+             ) -> torch.Tensor:
+        """Output rows ``[lo, hi)``, from a ``band`` that holds rows ``[first, first +
+        band rows)`` of an input map ``height`` rows high, including those rows of
+        :meth:`input_rows` that lie inside the map."""
+        top, bottom = self.input_rows(lo, hi)
+        x = band[:, :, max(top, 0) - first:min(bottom, height) - first]
+        if top < 0 or bottom > height:
+            x = F.pad(x, (0, 0, max(-top, 0), max(bottom - height, 0)), value=self.fill)
+        return self.apply(x)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """The op on rows padded as needed: no padding is added along the height."""
+        raise NotImplementedError
+
+
+class ConvRows(RowOp):
+    """``conv`` with the given weight and bias (a BatchNorm folded in), then ReLU if asked."""
+
+    def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                 relu: bool):
+        assert conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
+        assert conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1)
+        self.size, self.stride, self.pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+        self.groups, self.weight, self.bias, self.relu = conv.groups, weight, bias, relu
+
+    def out_channels(self, channels: int) -> int:
+        return self.weight.shape[0]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.conv2d(x, self.weight, self.bias, self.stride, (0, self.pad), 1, self.groups)
+        return x.relu_() if self.relu else x
+
+
+class MaxPoolRows(RowOp):
+    """``pool`` (padding reads as -inf), then ReLU if asked."""
+
+    fill = float('-inf')
+
+    def __init__(self, pool: nn.MaxPool2d, relu: bool):
+        assert isinstance(pool.kernel_size, int) and pool.dilation == 1 and not pool.ceil_mode
+        self.size, self.stride, self.pad = pool.kernel_size, pool.stride, pool.padding
+        self.relu = relu
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(x, self.size, self.stride, (0, self.pad))
+        return x.relu_() if self.relu else x
+
+
+class ChainRows(RowOp):
+    """The ops one after the other."""
+
+    def __init__(self, ops: Sequence[RowOp]):
+        self.ops = list(ops)
+
+    def out_size(self, n: int) -> int:
+        for op in self.ops:
+            n = op.out_size(n)
+        return n
+
+    def out_channels(self, channels: int) -> int:
+        for op in self.ops:
+            channels = op.out_channels(channels)
+        return channels
+
+    def input_rows(self, lo: int, hi: int) -> Tuple[int, int]:
+        for op in reversed(self.ops):
+            lo, hi = op.input_rows(lo, hi)
+        return lo, hi
+
+    def rows(self, band: torch.Tensor, first: int, height: int, lo: int, hi: int
+             ) -> torch.Tensor:
+        heights = [height]
+        for op in self.ops[:-1]:
+            heights.append(op.out_size(heights[-1]))
+        # The rows each op must make, inside its output map, last op first.
+        spans: List[Tuple[int, int]] = [(lo, hi)]
+        for op, op_height in zip(self.ops[:0:-1], heights[:0:-1]):
+            top, bottom = op.input_rows(*spans[0])
+            spans.insert(0, (max(top, 0), min(bottom, op_height)))
+        x = band
+        for op, op_height, (op_lo, op_hi) in zip(self.ops, heights, spans):
+            x, first = op.rows(x, first, op_height, op_lo, op_hi), op_lo
+        return x
+
+
+class ResidualRows(RowOp):
+    """``x + branch(x)`` for a branch that keeps the map's size."""
+
+    def __init__(self, branch: RowOp):
+        self.branch = branch
+
+    def out_channels(self, channels: int) -> int:
+        return channels
+
+    def input_rows(self, lo: int, hi: int) -> Tuple[int, int]:
+        top, bottom = self.branch.input_rows(lo, hi)
+        return min(top, lo), max(bottom, hi)
+
+    def rows(self, band: torch.Tensor, first: int, height: int, lo: int, hi: int
+             ) -> torch.Tensor:
+        out = self.branch.rows(band, first, height, lo, hi)
+        return out.add_(band[:, :, lo - first:hi - first])
+
+
+def run_in_bands(op: RowOp, x: torch.Tensor) -> torch.Tensor:
+    """``op`` applied to the channels-last-memory (B, C, H, W) map ``x``, computed in bands
+    of output rows of about :data:`BAND_BYTES` each; returns a channels-last-memory map."""
+    batch, channels, height, width = x.shape
+    out_height, out_width = op.out_size(height), op.out_size(width)
+    out_channels = op.out_channels(channels)
+    row_bytes = batch * out_channels * out_width * x.element_size()
+    step = max(1, BAND_BYTES // max(row_bytes, 1))
+    if step >= out_height:
+        return op.rows(x, 0, height, 0, out_height).contiguous(memory_format=torch.channels_last)
+    out = torch.empty((batch, out_channels, out_height, out_width), dtype=x.dtype,
+                      device=x.device, memory_format=torch.channels_last)
+    for lo in range(0, out_height, step):
+        hi = min(lo + step, out_height)
+        out[:, :, lo:hi] = op.rows(x, 0, height, lo, hi)
+    return out
