@@ -13,8 +13,12 @@ Cases: inference on 1x3x800x1216 (eval mode, no gradients), and a training step 
 backward) on 2x3x512x512 with BatchNorm in training mode and with frozen BatchNorm statistics
 (``norm_eval``, as detection fine-tuning often runs). ``--infer-input`` and ``--train-input``
 time other sizes.
+
+``--bounds`` adds training-step rows for mmconvmlp with some layers replaced by identities:
+not models, but bounds on what the step could cost if those layers were free.
 """
 import argparse
+import copy
 import statistics
 import time
 from typing import Callable, List, Tuple
@@ -36,6 +40,9 @@ def parse_args() -> argparse.Namespace:
                         help='input of the inference case, BxCxHxW')
     parser.add_argument('--train-input', type=input_shape, default='2x3x512x512',
                         help='input of the training-step cases, BxCxHxW')
+    parser.add_argument('--bounds', action='store_true',
+                        help='also time training steps with BatchNorm (and then ReLU, '
+                             'LayerNorm, GELU) replaced by identities')
     return parser.parse_args()
 
 
@@ -48,6 +55,22 @@ def input_shape(text: str) -> Tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f'{text!r} is not an input shape: give BxCxHxW with 3 channels, e.g. 2x3x512x512')
     return shape
+
+
+#: Layer types whose removal the ``--bounds`` rows time, row by row.
+BOUNDS = (('  bound: no BatchNorm', (torch.nn.BatchNorm2d,)),
+          ('  bound: no BN/ReLU/LN/GELU', (torch.nn.BatchNorm2d, torch.nn.ReLU,
+                                           torch.nn.LayerNorm, torch.nn.GELU)))
+
+
+def without(model: torch.nn.Module, layer_types: Tuple[type, ...]) -> torch.nn.Module:
+    """A copy of ``model`` with every layer of ``layer_types`` replaced by an identity."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, layer_types):
+                setattr(parent, name, torch.nn.Identity())
+    return model
 
 
 def synchronize(device: torch.device) -> None:
@@ -138,6 +161,14 @@ def main() -> None:
         t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)],
                                          args.repeats, device)
         rows.append(summarize(case, shape_text(x), t_ref, t_ours, '-'))
+    if args.bounds:
+        for model in (ours, reference):
+            model.train()
+        for case, layer_types in BOUNDS:
+            t_ref, t_bound = time_interleaved(
+                [train_step(reference), train_step(without(ours, layer_types))],
+                args.repeats, device)
+            rows.append(summarize(case, shape_text(x), t_ref, t_bound, '-'))
 
     print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
           f'torch {torch.__version__}), median of {args.repeats} runs\n')
