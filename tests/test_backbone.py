@@ -111,15 +111,15 @@ def test_matches_plain_reference_in_eval_mode():
 
 
 def record_band_runs(monkeypatch) -> list:
-    """Make bands one output row high and return a list that collects the module types
-    whose forward ran in bands."""
+    """Make bands one output row (or one pixel) high and return a list that collects
+    'rows' for each part and 'pixels' for each channel MLP that ran in bands."""
     monkeypatch.setattr(row_bands, 'BAND_BYTES', 1)
-    runs, run = [], convmlp.run_in_bands
-
-    def recorded(op, x):
-        runs.append(type(op).__name__)
-        return run(op, x)
-    monkeypatch.setattr(convmlp, 'run_in_bands', recorded)
+    runs = []
+    for kind, name in (('rows', 'run_in_bands'), ('pixels', 'run_pixels_in_bands')):
+        def recorded(*args, kind=kind, run=getattr(convmlp, name)):
+            runs.append(kind)
+            return run(*args)
+        monkeypatch.setattr(convmlp, name, recorded)
     return runs
 
 
@@ -134,30 +134,33 @@ def test_inference_in_row_bands_matches_whole_maps(monkeypatch, arch, shape):
             expected = model(x)
         runs = record_band_runs(monkeypatch)
         outs = model(x)
-    assert len(runs) == 2  # the tokenizer and the conv stage
+    assert runs.count('rows') == 2  # the tokenizer and the conv stage
+    assert runs.count('pixels') == 2 * sum(ARCH_SETTINGS[arch]['blocks'])
     for out, exp in zip(outs, expected):
         assert out.shape == exp.shape and out.is_contiguous()
         assert relative_error(out, exp) < 1e-5
 
 
-def test_row_bands_only_where_no_graph_is_recorded(monkeypatch):
+def test_bands_only_where_no_graph_is_recorded(monkeypatch):
     runs = record_band_runs(monkeypatch)
     x = torch.randn(1, 3, 40, 48)
     model = ConvMLP(arch='s')
     with torch.no_grad():
-        model(x)  # training mode: BatchNorms need whole-map statistics
+        model(x)  # training mode: BatchNorms need whole-map statistics, MLPs need nothing
+    assert runs.count('rows') == 0 and runs.count('pixels') == 16
+    runs.clear()
     model.eval()
     model(x)  # parameters that want gradients
     assert runs == []
     with torch.no_grad():
         model(x)
-    assert len(runs) == 2
+    assert runs.count('rows') == 2 and runs.count('pixels') == 16
     # Frozen parts run in bands in training too, and the rest still learns.
     runs.clear()
-    model = ConvMLP(arch='s', frozen_stages=1).train()
+    model = ConvMLP(arch='s', frozen_stages=2).train()
     sum(o.sum() for o in model(x)[2:]).backward()
-    assert len(runs) == 2
-    assert all(p.grad is not None for p in model.stages.parameters())
+    assert runs.count('rows') == 2 and runs.count('pixels') == 4
+    assert all(p.grad is not None for p in model.stages[1:].parameters())
 
 
 def test_matches_plain_reference_in_training_outputs_gradients_and_stats():

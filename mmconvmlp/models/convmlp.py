@@ -27,7 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .row_bands import ChainRows, ConvRows, MaxPoolRows, ResidualRows, RowOp, run_in_bands
+from .row_bands import (ChainRows, ConvRows, MaxPoolRows, ResidualRows, RowOp, run_in_bands,
+                        run_pixels_in_bands)
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -198,7 +199,9 @@ class ConvStage(nn.Module):
 
 
 class ChannelMLP(nn.Module):
-    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C."""
+    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C. In inference on
+    the CPU a band of pixels at a time (:func:`may_run_in_bands`), so that the hidden
+    activations stay in the caches instead of taking fresh memory of (pixels, hidden)."""
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -207,6 +210,11 @@ class ChannelMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if may_run_in_bands(self, x):
+            return run_pixels_in_bands(self.mlp, x, self.fc1.out_features)
+        return self.mlp(x)
+
+    def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
 

@@ -1,4 +1,5 @@
-"""Inference of the convolutional front end in horizontal bands of rows.
+"""Inference of the convolutional front end in horizontal bands of rows, and of the channel
+MLPs in bands of pixels.
 
 In inference the tokenizer and the convolutional stage are chains of convolutions (with
 their BatchNorms folded in), ReLUs, a max-pool and residual sums: each output row depends on
@@ -13,13 +14,14 @@ them over a map. Every op here has a square window with the same ``size``/``stri
 across and down, and padding (zeros, or -inf for max-pooling) is added by the band logic
 where a band meets the top or bottom edge of the map.
 """
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-#: Bytes of output a band aims at: its intermediates are then a few times that.
+#: Bytes of output a band of rows aims at (its intermediates are then a few times that), and
+#: bytes of the widest intermediate a band of pixels aims at.
 BAND_BYTES = 2 << 20
 
 
@@ -160,3 +162,20 @@ def run_in_bands(op: RowOp, x: torch.Tensor) -> torch.Tensor:
         hi = min(lo + step, out_height)
         out[:, :, lo:hi] = op.rows(x, 0, height, lo, hi)
     return out
+
+
+def run_pixels_in_bands(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                        inner_channels: int) -> torch.Tensor:
+    """``fn(x)`` for a ``fn`` of each pixel's channels (a channel MLP) and a (..., C) tensor
+    ``x``, computed a band of pixels at a time; ``inner_channels`` is the width of ``fn``'s
+    widest intermediate, which a band keeps to about :data:`BAND_BYTES`."""
+    pixels = x.reshape(-1, x.shape[-1])
+    step = max(1, BAND_BYTES // (inner_channels * x.element_size()))
+    first = fn(pixels[:step])
+    if step >= len(pixels):
+        return first.view(*x.shape[:-1], first.shape[-1])
+    out = first.new_empty(len(pixels), first.shape[-1])
+    out[:step] = first
+    for lo in range(step, len(pixels), step):
+        out[lo:lo + step] = fn(pixels[lo:lo + step])
+    return out.view(*x.shape[:-1], out.shape[-1])
