@@ -6,8 +6,9 @@ their BatchNorms folded in), ReLUs, a max-pool and residual sums: each output ro
 a few neighbouring input rows only. Computed a band of rows at a time, their large
 intermediate maps (for a 1x3x800x1216 image, three of 31-62 MB) never exist whole: each band's
 intermediates are a few MB, stay in the CPU caches and come from memory the allocator already
-holds, instead of fresh pages that the operating system must fault in one by one. The results
-are those of the whole-map computation.
+holds, instead of fresh pages that the operating system must fault in one by one. The channel
+MLPs, functions of each pixel alone, go a band of pixels at a time for the same reason
+(:func:`run_pixels_in_bands`). The results are those of the whole-map computation.
 
 A :class:`RowOp` maps a (B, C, H, W) band to a band; :func:`run_in_bands` drives a chain of
 them over a map. Every op here has a square window with the same ``size``/``stride``/``pad``
