@@ -113,10 +113,12 @@ class ConvNormReLUStack(nn.Sequential):
         triples, pool = self.triples(), self.pool()
         if not all(uses_running_stats(norm) for _, norm, _ in triples):
             return None
-        ops: List[RowOp] = [ConvRows(conv, *fold_batchnorm(conv, norm), relu=True)
-                            for conv, norm, _ in triples]
+        # As in forward: the pool, if any, comes before the last ReLU.
+        last = len(triples) - 1
+        ops: List[RowOp] = [ConvRows(conv, *fold_batchnorm(conv, norm),
+                                     relu=pool is None or i < last)
+                            for i, (conv, norm, _) in enumerate(triples)]
         if pool is not None:
-            ops[-1].relu = False
             ops.append(MaxPoolRows(pool, relu=True))
         return ChainRows(ops)
 
@@ -292,10 +294,11 @@ class ConvMLPStage(nn.Module):
 
 
 def may_run_in_bands(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module`` may compute ``x`` in bands of rows (see :mod:`.row_bands`): on the
-    CPU, with no autograd graph to record and no graph being traced or compiled, and (checked
-    by the callers' ``row_op``) every BatchNorm using its running statistics. On a GPU the
-    caching allocator already reuses memory, and many small kernels would be slower."""
+    """Whether ``module`` may compute ``x`` in bands of rows or pixels (see
+    :mod:`.row_bands`): on the CPU, with no autograd graph to record and no graph being
+    traced or compiled, and (checked by the callers' ``row_op``) every BatchNorm using its
+    running statistics. On a GPU the caching allocator already reuses memory, and many small
+    kernels would be slower."""
     if x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     return not torch.is_grad_enabled() or not (
