@@ -134,9 +134,6 @@ class ResidualRows(RowOp):
     def __init__(self, branch: RowOp):
         self.branch = branch
 
-    def out_channels(self, channels: int) -> int:
-        return channels
-
     def input_rows(self, lo: int, hi: int) -> Tuple[int, int]:
         top, bottom = self.branch.input_rows(lo, hi)
         return min(top, lo), max(bottom, hi)
