@@ -281,22 +281,6 @@ def set_cpu_threads() -> None:
 # What tools/train.py and tools/test.py share
 
 
-def use_amp(cfg) -> None:
-    """Switch the config's optimizer wrapper to mixed precision: float16 with dynamic loss
-    scaling on CUDA, bfloat16 autocast without CUDA (mmengine's AmpOptimWrapper refuses to
-    start without a GPU). Exits with a message for any other wrapper type."""
-    wrapper_type = cfg.optim_wrapper.get('type', 'OptimWrapper')
-    amp_types = ('AmpOptimWrapper', 'BF16AutocastOptimWrapper')
-    if wrapper_type not in ('OptimWrapper', *amp_types):
-        sys.exit(f'--amp: the config uses the optimizer wrapper {wrapper_type!r}; only '
-                 f'OptimWrapper can be switched to mixed precision ({", ".join(amp_types)}).')
-    if torch.cuda.is_available():
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
-    else:
-        cfg.optim_wrapper.type = 'BF16AutocastOptimWrapper'
-
-
 def make_parser(description: str, work_dir_help: str):
     """An argument parser with the options the two tools share: ``config``,
     ``--work-dir``, ``--cfg-options``, ``--launcher`` and ``--local_rank``."""

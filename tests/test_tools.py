@@ -315,32 +315,3 @@ def test_get_flops_reproduces_the_paper_for_convmlp_s():
     get_flops = load_script('tools/analysis/get_flops.py')
     macs, params = get_flops.count(get_flops.imagenet_model('s'), 224, 224)
     assert round(macs, 1) == 2.4 and round(params, 1) == 9.0
-
-
-def test_amp_picks_the_wrapper_for_the_device(monkeypatch):
-    from mmengine.config import Config
-    from mmengine.registry import OPTIM_WRAPPERS
-
-    from mmconvmlp.runner_utils import use_amp
-
-    def config(wrapper_type):
-        return Config(dict(optim_wrapper=dict(type=wrapper_type,
-                                              optimizer=dict(type='AdamW', lr=1e-4))))
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
-    cfg = config('OptimWrapper')
-    use_amp(cfg)
-    assert cfg.optim_wrapper.type == 'BF16AutocastOptimWrapper'
-    model = torch.nn.Linear(4, 2)
-    wrapper = OPTIM_WRAPPERS.build(dict(cfg.optim_wrapper, optimizer=torch.optim.AdamW(
-        model.parameters(), lr=1e-4)))
-    with wrapper.optim_context(model):
-        assert model(torch.randn(3, 4)).dtype == torch.bfloat16
-    assert model(torch.randn(3, 4)).dtype == torch.float32
-
-    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
-    cfg = config('OptimWrapper')
-    use_amp(cfg)
-    assert cfg.optim_wrapper.type == 'AmpOptimWrapper'
-    assert cfg.optim_wrapper.loss_scale == 'dynamic'
-    with pytest.raises(SystemExit, match="'ZeroRedundancyOptimizer'.*OptimWrapper"):
-        use_amp(config('ZeroRedundancyOptimizer'))

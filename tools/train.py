@@ -13,8 +13,9 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmconvmlp.engine.precision import use_amp  # noqa: E402
 from mmconvmlp.runner_utils import (TRAIN_SECTIONS, build_runner,  # noqa: E402
-                                    checkpoint_globals, load_config, make_parser, use_amp)
+                                    checkpoint_globals, load_config, make_parser)
 
 
 def parse_args(argv=None):
@@ -26,7 +27,8 @@ def parse_args(argv=None):
              'checkpoint in the work dir')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision: float16 with dynamic loss scaling '
-                             'on CUDA, bfloat16 autocast without CUDA')
+                             'on CUDA; without CUDA bfloat16 autocast where the CPU runs '
+                             'bfloat16 fast, else float32')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual total batch size over '
                              'the config\'s auto_scale_lr.base_batch_size')

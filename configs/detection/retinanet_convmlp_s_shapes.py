@@ -48,7 +48,7 @@ test_evaluator = val_evaluator
 # curves. `fused` only changes how AdamW's update is computed (one kernel for all parameters).
 max_epochs = 10
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
-optim_wrapper = dict(type='BF16AutocastOptimWrapper', optimizer=dict(lr=1e-3, fused=True),
+optim_wrapper = dict(type='MixedPrecisionOptimWrapper', optimizer=dict(lr=1e-3, fused=True),
                      clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),

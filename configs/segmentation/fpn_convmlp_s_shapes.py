@@ -54,7 +54,7 @@ interval = 250
 train_cfg = dict(max_iters=max_iters, val_interval=interval)
 # The paper's AdamW (weight decay 1e-4) with the detection demo's learning rate and gradient
 # clipping; `fused` only changes how the update is computed (one kernel for all parameters).
-optim_wrapper = dict(_delete_=True, type='BF16AutocastOptimWrapper',
+optim_wrapper = dict(_delete_=True, type='MixedPrecisionOptimWrapper',
                      optimizer=dict(type='AdamW', lr=1e-3, weight_decay=1e-4, fused=True),
                      clip_grad=dict(max_norm=10, norm_type=2))
 param_scheduler = [

@@ -1,4 +1,4 @@
-"""Training helpers for the OpenMMLab runners (registered on import)."""
-from .optim_wrapper import BF16AutocastOptimWrapper
+"""What mmconvmlp adds to mmengine's training machinery (registered on import)."""
+from .precision import BF16AutocastOptimWrapper, mixed_precision_optim_wrapper
 
-__all__ = ['BF16AutocastOptimWrapper']
+__all__ = ['BF16AutocastOptimWrapper', 'mixed_precision_optim_wrapper']
