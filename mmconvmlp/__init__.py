@@ -1,11 +1,12 @@
 """mmconvmlp: ConvMLP backbones for MMDetection 3.x and MMSegmentation 1.x.
 
 Importing the package registers ``ConvMLP`` in mmengine's root model registry, which every
-OpenMMLab 2.x scope falls back to, the timm models ``convmlp_s/m/l`` and the optimizer wrapper
-``BF16AutocastOptimWrapper``. In a config:
+OpenMMLab 2.x scope falls back to, the timm models ``convmlp_s/m/l``, and what
+:mod:`mmconvmlp.engine` adds to mmengine (``ConvMLPRunner``, the optimizer wrappers, torch's
+safe loading of mmengine checkpoints for the whole process). In a config:
 ``custom_imports = dict(imports=['mmconvmlp'], allow_failed_imports=False)``.
 """
-from . import engine  # noqa: F401  (registers BF16AutocastOptimWrapper)
+from . import engine  # noqa: F401  (registers the runtime parts, allows the checkpoints)
 from .models import ConvMLP
 
 __version__ = '0.1.0'

@@ -9,15 +9,14 @@ The metrics are printed and written as JSON to WORK_DIR/TIMESTAMP/TIMESTAMP.json
 Several processes: ``bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCESSES [options]``.
 """
 import os.path as osp
-import pickle
 import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import ConfigDict  # noqa: E402
+from mmengine.registry import RUNNERS  # noqa: E402
 
-from mmconvmlp.runner_utils import (TEST_SECTIONS, build_runner,  # noqa: E402
-                                    checkpoint_globals, load_config, make_parser)
+from mmconvmlp.engine.command_line import load_config, make_parser  # noqa: E402
 
 PICKLE = ('.pkl', '.pickle')
 
@@ -69,23 +68,14 @@ def main(argv=None):
             sys.exit('--out: give a .pkl or .pickle file to save the predictions in.')
         cfg.test_evaluator.output_dir = args.out
 
-    runner = build_runner(cfg, args, TEST_SECTIONS)
+    runner = RUNNERS.build(cfg)
     if args.out and args.out.endswith(PICKLE):
         if scope == 'mmdet':
             from mmdet.evaluation import DumpDetResults as Dump
         else:
             from mmengine.evaluator import DumpResults as Dump
         runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
-    # The checkpoint (an mmengine one) is read with torch.load's safe loading.
-    try:
-        with checkpoint_globals():
-            runner.test()
-    except pickle.UnpicklingError as err:
-        sys.exit(f'{args.checkpoint} holds objects that safe loading refuses, as the '
-                 f'authors\' MMDetection 2.x / MMSegmentation 0.x releases do:\n  {err}\n'
-                 'Convert it once (nothing in it is run), then test the converted file:\n'
-                 f'  python tools/model_converters/convert_released_checkpoint.py '
-                 f'{args.checkpoint} CONVERTED.pth')
+    runner.test()
 
 
 if __name__ == '__main__':

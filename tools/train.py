@@ -13,9 +13,10 @@ import sys
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
+from mmengine.registry import RUNNERS  # noqa: E402
+
+from mmconvmlp.engine.command_line import load_config, make_parser  # noqa: E402
 from mmconvmlp.engine.precision import use_amp  # noqa: E402
-from mmconvmlp.runner_utils import (TRAIN_SECTIONS, build_runner,  # noqa: E402
-                                    checkpoint_globals, load_config, make_parser)
 
 
 def parse_args(argv=None):
@@ -51,11 +52,7 @@ def main(argv=None):
         if '://' not in args.resume and not osp.isfile(args.resume):
             sys.exit(f'--resume {args.resume}: no such checkpoint file.')
         cfg.resume, cfg.load_from = True, args.resume
-
-    runner = build_runner(cfg, args, TRAIN_SECTIONS)
-    # Resuming (and load_from) reads mmengine checkpoints with torch.load's safe loading.
-    with checkpoint_globals():
-        runner.train()
+    RUNNERS.build(cfg).train()
 
 
 if __name__ == '__main__':

@@ -8,6 +8,9 @@
 _base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'
 
 custom_imports = dict(imports=['mmconvmlp'], allow_failed_imports=False)
+# mmengine's Runner plus mmconvmlp's runtime fixes (gloo processes without CUDA, the data
+# check); mmdet's and mmseg's own tools/train.py and tools/test.py build it too.
+runner_type = 'ConvMLPRunner'
 
 checkpoint = 'https://shi-labs.com/projects/convmlp/checkpoints/convmlp_s_imagenet.pth'
 model = dict(

@@ -9,6 +9,9 @@
 _base_ = 'mmseg::sem_fpn/fpn_r50_4xb4-160k_ade20k-512x512.py'
 
 custom_imports = dict(imports=['mmconvmlp'], allow_failed_imports=False)
+# mmengine's Runner plus mmconvmlp's runtime fixes (gloo processes without CUDA, the data
+# check); mmdet's and mmseg's own tools/train.py and tools/test.py build it too.
+runner_type = 'ConvMLPRunner'
 
 checkpoint = 'https://shi-labs.com/projects/convmlp/checkpoints/convmlp_s_imagenet.pth'
 model = dict(

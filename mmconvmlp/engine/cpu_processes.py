@@ -1,0 +1,83 @@
+"""Several processes without CUDA: ``--launcher pytorch|slurm|mpi`` on CPUs (gloo).
+
+mmengine 0.10.7 cannot start them: its ``init_dist`` calls ``torch.cuda.set_device`` first,
+and it wraps the model in DistributedDataParallel with ``device_ids=[LOCAL_RANK]``, which a
+CPU module refuses. :func:`setup_cpu_distributed` starts the gloo process group itself and
+names :class:`CPUDistributedDataParallel` as the model wrapper.
+"""
+import os
+import subprocess
+import warnings
+
+import torch
+import torch.distributed as torch_dist
+from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
+from mmengine.registry import MODEL_WRAPPERS
+
+
+@MODEL_WRAPPERS.register_module()
+class CPUDistributedDataParallel(MMDistributedDataParallel):
+    """mmengine's DDP wrapper for CPU processes (gloo): no ``device_ids``, and SyncBN
+    layers reverted to BatchNorm because torch's SyncBatchNorm runs on GPUs only (each
+    process then normalizes with its own batch statistics)."""
+
+    def __init__(self, module, **kwargs):
+        kwargs.pop('device_ids', None)
+        kwargs.pop('output_device', None)
+        if any(isinstance(m, torch.nn.SyncBatchNorm) for m in module.modules()):
+            warnings.warn('SyncBN runs on GPUs only: on the CPU it is replaced by BatchNorm '
+                          'with per-process statistics.')
+            module = revert_sync_batchnorm(module)
+        super().__init__(module=module, device_ids=None, **kwargs)
+
+
+def _env_from_slurm() -> None:
+    os.environ.setdefault('RANK', os.environ['SLURM_PROCID'])
+    os.environ.setdefault('WORLD_SIZE', os.environ['SLURM_NTASKS'])
+    os.environ.setdefault('LOCAL_RANK', os.environ.get('SLURM_LOCALID', '0'))
+    if 'MASTER_ADDR' not in os.environ:
+        nodes = os.environ['SLURM_NODELIST']
+        os.environ['MASTER_ADDR'] = subprocess.getoutput(
+            f'scontrol show hostname {nodes} | head -n1')
+    os.environ.setdefault('MASTER_PORT', '29500')
+
+
+def _env_from_mpi() -> None:
+    os.environ.setdefault('RANK', os.environ['OMPI_COMM_WORLD_RANK'])
+    os.environ.setdefault('WORLD_SIZE', os.environ['OMPI_COMM_WORLD_SIZE'])
+    os.environ.setdefault('LOCAL_RANK', os.environ.get('OMPI_COMM_WORLD_LOCAL_RANK', '0'))
+    os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
+    os.environ.setdefault('MASTER_PORT', '29500')
+
+
+def setup_cpu_distributed(cfg, launcher: str) -> bool:
+    """With a launcher but no CUDA, start the gloo process group here (mmengine's own
+    start calls ``torch.cuda.set_device``) and make the Runner wrap the model in
+    :class:`CPUDistributedDataParallel`. Returns whether it did; with CUDA, or with
+    ``launcher='none'``, it changes nothing and mmengine proceeds as usual."""
+    if launcher == 'none' or torch.cuda.is_available():
+        return False
+    if launcher == 'slurm':
+        _env_from_slurm()
+    elif launcher == 'mpi':
+        _env_from_mpi()
+    if not torch_dist.is_initialized():
+        torch_dist.init_process_group(backend='gloo', init_method='env://')
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg')
+    if wrapper is None or wrapper.get('type', 'MMDistributedDataParallel') \
+            == 'MMDistributedDataParallel':
+        wrapper = dict(wrapper or {})
+        wrapper['type'] = 'CPUDistributedDataParallel'
+        wrapper.setdefault('broadcast_buffers', False)
+        wrapper.setdefault('find_unused_parameters', cfg.get('find_unused_parameters', False))
+        cfg.model_wrapper_cfg = wrapper
+    return True
+
+
+def set_cpu_threads() -> None:
+    """Without CUDA, use ``OMP_NUM_THREADS`` threads when it is set (torchrun sets 1 for
+    each of several processes): a one-process run given the same value computes the same
+    numbers as each process of a multi-process run."""
+    if not torch.cuda.is_available() and os.environ.get('OMP_NUM_THREADS', '').isdigit():
+        torch.set_num_threads(max(1, int(os.environ['OMP_NUM_THREADS'])))

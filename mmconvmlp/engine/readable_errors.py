@@ -1,0 +1,29 @@
+"""Errors whose message says all a user needs: what was wrong and what to do.
+
+Uncaught in a script (our tools, mmdet's and mmseg's own ``tools/train.py`` and
+``tools/test.py`` with our configs), such an error prints its message alone, without a
+traceback; the script exits with status 1 as usual. Every other exception prints as Python
+prints it. The hook is installed when mmconvmlp is imported.
+"""
+import sys
+
+
+class ReadableError(Exception):
+    """Mixed into the error classes of mmconvmlp's runtime checks (missing data, refused or
+    unreadable checkpoints): their message names the file and what to do about it."""
+
+
+def _print_readable_errors(previous_hook):
+    def hook(kind, error, traceback):
+        if isinstance(error, ReadableError):
+            print(f'{kind.__name__}: {error}', file=sys.stderr)
+        else:
+            previous_hook(kind, error, traceback)
+    hook.prints_readable_errors = True
+    return hook
+
+
+def install_excepthook() -> None:
+    """Print uncaught :class:`ReadableError` s without a traceback (once per process)."""
+    if not getattr(sys.excepthook, 'prints_readable_errors', False):
+        sys.excepthook = _print_readable_errors(sys.excepthook)

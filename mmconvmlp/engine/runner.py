@@ -1,0 +1,77 @@
+"""``ConvMLPRunner``: mmengine's Runner with mmconvmlp's runtime fixes.
+
+Every config shipped here names it (``runner_type = 'ConvMLPRunner'``), so the fixes reach
+every entry point that builds a Runner from such a config: mmdet's and mmseg's own
+``tools/train.py`` and ``tools/test.py`` (they call ``RUNNERS.build(cfg)`` when a config
+names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. It adds:
+
+* several processes without CUDA (:mod:`.cpu_processes`): ``--launcher pytorch``, ``slurm``
+  or ``mpi`` on CPUs starts gloo processes, and ``OMP_NUM_THREADS`` sets the thread count;
+* the data check (:mod:`.data_check`): training, validation and testing first make sure the
+  data they read exist, and stop with :class:`~.data_check.DataNotFoundError` otherwise;
+* atomic checkpoints (:mod:`.atomic_save`): a checkpoint in a local folder becomes visible
+  only once it is complete;
+* ``--resume`` (``resume=True`` without ``load_from``) in a work dir that holds no
+  checkpoint warns, naming the work dir, before training starts from the beginning.
+
+Safe loading of mmengine's checkpoints (:mod:`.safe_loading`) needs no runner: importing
+mmconvmlp sets it up for the whole process.
+"""
+import copy
+import os.path as osp
+
+from mmengine.dist import master_only
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+
+from .atomic_save import partial_name, publish
+from .cpu_processes import set_cpu_threads, setup_cpu_distributed
+from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
+
+
+@RUNNERS.register_module()
+class ConvMLPRunner(Runner):
+    """mmengine's Runner, plus CPU processes, the data check, atomic checkpoints and a
+    warning when there is nothing to resume from (see the module)."""
+
+    @classmethod
+    def from_cfg(cls, cfg) -> 'ConvMLPRunner':
+        cfg = copy.deepcopy(cfg)
+        set_cpu_threads()
+        setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
+        return super().from_cfg(cfg)
+
+    def _check_data(self, sections) -> None:
+        check_data(self.cfg, sections, self.cfg.filename or '')
+
+    def train(self):
+        self._check_data(TRAIN_SECTIONS)
+        return super().train()
+
+    def val(self):
+        self._check_data(VAL_SECTIONS)
+        return super().val()
+
+    def test(self):
+        self._check_data(TEST_SECTIONS)
+        return super().test()
+
+    def load_or_resume(self) -> None:
+        if self._resume and self._load_from is None and not self._has_loaded \
+                and not osp.exists(osp.join(self.work_dir, 'last_checkpoint')):
+            self.logger.warning(
+                f'--resume: the work dir {self.work_dir} holds no checkpoint to resume from '
+                '(no last_checkpoint file): training starts from the beginning.')
+            self._resume = False
+        super().load_or_resume()
+
+    @master_only
+    def save_checkpoint(self, out_dir: str, filename: str, file_client_args=None, *args,
+                        backend_args=None, **kwargs) -> None:
+        """mmengine's ``save_checkpoint``, written under a hidden partial name and renamed
+        once complete (in local folders; other storage is written as mmengine writes it)."""
+        local = '://' not in out_dir and file_client_args is None and backend_args is None
+        super().save_checkpoint(out_dir, partial_name(filename) if local else filename,
+                                file_client_args, *args, backend_args=backend_args, **kwargs)
+        if local:
+            publish(osp.join(out_dir, partial_name(filename)), osp.join(out_dir, filename))
