@@ -46,7 +46,7 @@ class BF16AutocastOptimWrapper(OptimWrapper):
             yield
 
 
-def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
+def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:
     fn()  # one-off costs (kernel selection, weight reorders) outside the timing
     best = float('inf')
     for _ in range(repeats):
@@ -58,10 +58,11 @@ def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 3) -> float:
 
 @functools.lru_cache(maxsize=None)
 def cpu_bfloat16_speed() -> float:
-    """How many times longer a small convolution plus matrix product takes under bfloat16
-    autocast than in float32 on this CPU (below 1: bfloat16 is faster). A few milliseconds
-    where bfloat16 is native, about 50 ms where it is emulated; measured once per process
-    with the current thread count."""
+    """How many times longer a small convolution (2x64x24x24, 3x3) plus a 256x256 matrix
+    product take under bfloat16 autocast than in float32 on this CPU: about 0.1-0.6 where the
+    CPU has bfloat16 units, 4-15 where it emulates them. Best of 5 runs on one thread (with
+    several, a thread that the OS delays on a busy machine would swamp kernels this short);
+    a few milliseconds, about 100 ms where bfloat16 is emulated; measured once per process."""
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(2, 64, 24, 24, generator=gen).contiguous(
         memory_format=torch.channels_last)
@@ -77,8 +78,13 @@ def cpu_bfloat16_speed() -> float:
         with torch.autocast('cpu', dtype=torch.bfloat16):
             return work()
 
-    with torch.no_grad():
-        return _best_time(work_bf16) / _best_time(work)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return _best_time(work_bf16) / _best_time(work)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def choose_cpu_precision(precision: str = 'auto') -> Tuple[torch.dtype, str]:
