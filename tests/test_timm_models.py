@@ -1,20 +1,45 @@
 """ConvMLP as timm models: registration, the paper's classifier, local pretrained weights,
-``features_only`` maps, and use inside mmseg's ``TIMMBackbone``."""
+``features_only`` maps, and use inside mmseg's ``TIMMBackbone``.
+
+Expected values come from the plain reference model (:class:`ReferenceConvMLP`) given the
+same weights, and from ``torch.nn.functional`` for the classifier's norm and linear layer."""
+import itertools
 import os.path as osp
 import runpy
 
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import mmconvmlp  # noqa: F401  (registers convmlp_s/m/l with timm)
 from mmconvmlp.models import ConvMLP, ConvMLPFeatures, load_convmlp_weights
-from mmconvmlp.models.timm_models import CHECKPOINT_URLS, ConvMLPClassifier
+from mmconvmlp.models.timm_models import CHECKPOINT_URLS, ConvMLPClassifier, take_indices
+from mmconvmlp.testing import ReferenceConvMLP
 from random_weights import randomize_
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 STRIDES = (4, 8, 16, 32)
 CHANNELS = {'s': (64, 128, 256, 512), 'm': (64, 128, 256, 512), 'l': (96, 192, 384, 768)}
+
+
+def reference_taps(model, x, arch='s'):
+    """The four maps (B, C, H, W) of the plain reference model holding ``model``'s weights."""
+    reference = ReferenceConvMLP(arch).eval()
+    state = model.state_dict()
+    reference.load_state_dict({name: state[name] for name in reference.state_dict()})
+    with torch.no_grad():
+        return reference(x)
+
+
+def final_norm(model, tap):
+    """The classifier's LayerNorm on a (B, C, H, W) map, channels last: (B, H, W, C)."""
+    return F.layer_norm(tap.permute(0, 2, 3, 1), model.norm.normalized_shape,
+                        model.norm.weight, model.norm.bias, model.norm.eps)
+
+
+def assert_close_to_reference(got, expected):
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_registered_with_pretrained_cfgs():
@@ -46,12 +71,13 @@ def test_classifier_is_norm_mean_linear():
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         logits = model(x)
-        last = list(model.forward_taps(x))[-1][1].permute(0, 2, 3, 1)  # (B, H/32, W/32, 512)
-        expected = model.head(model.norm(last).mean(dim=(1, 2)))
+        normed = final_norm(model, reference_taps(model, x)[3])  # (B, H/32, W/32, 512)
+        expected = F.linear(normed.mean(dim=(1, 2)), model.head.weight, model.head.bias)
         features = model.forward_features(x)
         pooled = model.forward_head(features, pre_logits=True)
     assert logits.shape == (2, 7)
-    torch.testing.assert_close(logits, expected)
+    assert_close_to_reference(logits, expected)
+    assert_close_to_reference(features, normed)
     assert features.shape == (2, 2, 2, 512) and pooled.shape == (2, 512)
     assert model.num_features == model.head_hidden_size == 512
     assert model.get_classifier() is model.head
@@ -99,18 +125,17 @@ def test_features_only_gives_the_four_maps_of_the_backbone(arch='s'):
     assert info.reduction() == list(STRIDES)
     assert info.module_name() == ['tokenizer', 'conv_stages', 'stages.0', 'stages.2']
 
-    # the OpenMMLab backbone with the same weights gives the same maps
-    backbone = ConvMLP(arch=arch).eval()
-    randomize_(backbone)
+    # the weights of an OpenMMLab backbone load as they are, and give the reference's maps
+    backbone = randomize_(ConvMLP(arch=arch))
     load_convmlp_weights(timm_model.model, backbone.state_dict(), ignore_classifier=False)
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         maps = timm_model(x)
-        expected = backbone(x)
+    expected = reference_taps(backbone, x, arch)
     assert len(maps) == 4
     for m, e, c, s in zip(maps, expected, CHANNELS[arch], STRIDES):
         assert m.shape == (2, c, 64 // s, 64 // s)
-        torch.testing.assert_close(m, e)
+        assert_close_to_reference(m, e)
 
 
 def test_features_only_prunes_what_the_chosen_maps_do_not_need():
@@ -123,32 +148,83 @@ def test_features_only_prunes_what_the_chosen_maps_do_not_need():
     assert len(model.model.stages) == 1
     assert not any(n.startswith(('head.', 'norm.', 'stages.1')) for n, _ in
                    model.model.named_parameters())
-    full_state = full.model.state_dict()
+    full_state = randomize_(full.model).state_dict()
     model.model.load_state_dict({k: full_state[k] for k in model.model.state_dict()})
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         maps = model(x)
-        expected = full.eval()(x)
+    expected = reference_taps(full.model, x)
     assert [m.shape[1:] for m in maps] == [(128, 8, 8), (256, 4, 4)]
-    torch.testing.assert_close(maps[0], expected[1])
-    torch.testing.assert_close(maps[1], expected[2])
+    assert_close_to_reference(maps[0], expected[1])
+    assert_close_to_reference(maps[1], expected[2])
 
 
-def test_forward_intermediates():
-    model = randomize_(timm.create_model('convmlp_m')).eval()
+#: Every non-empty set of the four maps.
+INDEX_SETS = [list(subset) for n in range(1, 5)
+              for subset in itertools.combinations(range(4), n)]
+
+
+def test_indices_are_read_as_timm_reads_them():
+    """None: all; an int n: the last n (not map n, as the OpenMMLab backbone reads it); a
+    sequence: those maps, negative from the end."""
+    assert take_indices(None) == ([0, 1, 2, 3], 3)
+    assert [take_indices(n) for n in (1, 2, 4)] == [([3], 3), ([2, 3], 3), ([0, 1, 2, 3], 3)]
+    assert take_indices([-1]) == ([3], 3) and take_indices((0, -3)) == ([0, 1], 1)
+    for bad in (0, 5, [4], [-5], [], [1.0]):
+        with pytest.raises(ValueError, match='ConvMLP feature indices=.*give an int n'):
+            take_indices(bad)
+
+
+def test_forward_intermediates_for_every_index_set():
+    """Maps, the final norm (map 3 only) and the final features (normalised only when the
+    last map computed is map 3, timm's rule), for each index set, with and without
+    ``stop_early`` and ``norm``, against the reference model."""
+    model = randomize_(timm.create_model('convmlp_s')).eval()
+    x = torch.randn(1, 3, 32, 32)
+    taps = reference_taps(model, x)
+    ran = []
+    for i, stage in enumerate(model.stages):
+        stage.register_forward_hook(lambda *args, i=i: ran.append(i))
+    for taken, stop_early, norm in itertools.product(INDEX_SETS, (False, True), (False, True)):
+        case = f'indices={taken} stop_early={stop_early} norm={norm}'
+        ran.clear()
+        with torch.no_grad():
+            final, maps = model.forward_intermediates(x, indices=taken, norm=norm,
+                                                      stop_early=stop_early)
+            if stop_early:  # intermediates_only stops early whatever stop_early says
+                maps += model.forward_intermediates(x, indices=taken, norm=norm,
+                                                    intermediates_only=True)
+        assert len(maps) == len(taken) * (2 if stop_early else 1), case
+        for got, index in zip(maps, taken * 2):
+            expected = taps[index]
+            if norm and index == 3:
+                expected = final_norm(model, expected).permute(0, 3, 1, 2)
+            assert got.is_contiguous(), case
+            assert_close_to_reference(got, expected)
+        last = max(taken) if stop_early else 3
+        expected_final = (final_norm(model, taps[3]) if last == 3
+                          else taps[last].permute(0, 2, 3, 1))
+        assert final.shape == expected_final.shape, case
+        assert_close_to_reference(final, expected_final)
+        # MLP stages run: 0 for map 2, 1 and 2 for map 3; with stop_early (and
+        # intermediates_only) none after the last map taken
+        needed = {0: set(), 1: set(), 2: {0}, 3: {0, 1, 2}}[max(taken)]
+        assert set(ran) == (needed if stop_early else {0, 1, 2}), case
+
+
+def test_forward_intermediates_nhwc_and_bad_indices():
+    model = timm.create_model('convmlp_m').eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         final, maps = model.forward_intermediates(x)
         nhwc = model.forward_intermediates(x, indices=2, output_fmt='NHWC',
                                            intermediates_only=True)
-        normed = model.forward_intermediates(x, indices=[-1], norm=True,
-                                             intermediates_only=True)
-        torch.testing.assert_close(final, model.forward_features(x))
     assert [tuple(m.shape) for m in maps] == [(1, c, 64 // s, 64 // s)
                                              for c, s in zip(CHANNELS['m'], STRIDES)]
     assert [tuple(m.shape) for m in nhwc] == [(1, 4, 4, 256), (1, 2, 2, 512)]
     torch.testing.assert_close(nhwc[0], maps[2].permute(0, 2, 3, 1))
-    torch.testing.assert_close(normed[0].permute(0, 2, 3, 1), final)
+    with pytest.raises(ValueError, match='ConvMLP feature indices=5: give an int n'):
+        model.forward_intermediates(x, indices=5)
 
 
 def test_inside_mmseg_timm_backbone():

@@ -20,19 +20,24 @@ those load without any renaming.
 :meth:`ConvMLPClassifier.forward_intermediates`: the four maps of the spec, i.e. index 0
 tokenizer (stride 4), 1 convolutional stage (stride 8), 2 MLP stage 0 after its downsampling
 (stride 16), 3 MLP stage 2 (stride 32).
+
+Indices follow timm's convention here, which differs from the OpenMMLab backbone's for a
+plain ``int``: ``out_indices=2`` (and ``indices=2``) means *the last two maps* (2 and 3) in
+timm, but *map 2 only* in ``dict(type='ConvMLP', out_indices=2)``. A sequence means the same
+in both: those maps, negative ones counted from the end.
 """
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._features import feature_take_indices
 
 from .convmlp import NUM_TAPS, ConvMLPFeatures, NormLayer, channels_first, init_from_scratch
 
-__all__ = ['ConvMLPClassifier', 'TAP_MODULES', 'TAP_REDUCTIONS', 'CHECKPOINT_URLS']
+__all__ = ['ConvMLPClassifier', 'TAP_MODULES', 'TAP_REDUCTIONS', 'CHECKPOINT_URLS',
+           'take_indices']
 
 #: Where each of the four taps comes from, and its stride.
 TAP_MODULES = ('tokenizer', 'conv_stages', 'stages.0', 'stages.2')
@@ -43,6 +48,28 @@ CHECKPOINT_URLS = {
     for arch in ('s', 'm', 'l')
 }
 GLOBAL_POOLS = ('', 'avg')
+
+
+def take_indices(indices: Optional[Union[int, Sequence[int]]]) -> Tuple[List[int], int]:
+    """timm's reading of feature ``indices`` for the four maps: ``None`` all, an ``int`` n
+    the last n, a sequence those maps (negative from the end). Returns ``(absolute indices,
+    the largest)``; raises ``ValueError`` naming what is valid. (timm 1.0 has this as
+    ``timm.models._features.feature_take_indices``, a private module, with assertions.)"""
+    valid = (f'an int n (the last n of the {NUM_TAPS} maps, 1 to {NUM_TAPS}) or a sequence '
+             f'of map indices -{NUM_TAPS}..{NUM_TAPS - 1}')
+    if indices is None:
+        indices = NUM_TAPS
+    if isinstance(indices, int):
+        if not 0 < indices <= NUM_TAPS:
+            raise ValueError(f'ConvMLP feature indices={indices!r}: give {valid}.')
+        taken = list(range(NUM_TAPS - indices, NUM_TAPS))
+    else:
+        indices = list(indices)
+        if not indices or not all(isinstance(i, int) and -NUM_TAPS <= i < NUM_TAPS
+                                  for i in indices):
+            raise ValueError(f'ConvMLP feature indices={indices!r}: give {valid}.')
+        taken = [i % NUM_TAPS for i in indices]
+    return taken, max(taken)
 
 
 class ConvMLPClassifier(ConvMLPFeatures):
@@ -129,30 +156,35 @@ class ConvMLPClassifier(ConvMLPFeatures):
             output_fmt: str = 'NCHW',
             intermediates_only: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]]]:
-        """The four maps of the spec (or those chosen by ``indices``: an int takes the last n,
-        a sequence picks, negative from the end), as contiguous (B, C, H, W) in ``'NCHW'``
-        or (B, H, W, C) in ``'NHWC'``. ``norm`` applies the final
-        LayerNorm to map 3. Without ``intermediates_only`` the normalised final features
-        come first, as :meth:`forward_features` gives them."""
+        """The four maps of the spec (or those chosen by ``indices``, read as timm reads them:
+        see :func:`take_indices`), as contiguous (B, C, H, W) in ``'NCHW'`` or (B, H, W, C)
+        in ``'NHWC'``. ``norm`` applies the final LayerNorm to map 3 (the only map it fits).
+        ``stop_early`` stops after the last map taken.
+
+        Without ``intermediates_only`` the final features, (B, h, w, C) channels last, come
+        first: the last map computed, normalised only when it is map 3 (timm's rule), so
+        with ``stop_early`` and an earlier last index they are that map as it is."""
         if output_fmt not in ('NCHW', 'NHWC'):
             raise ValueError(f"ConvMLP output_fmt={output_fmt!r}: use 'NCHW' or 'NHWC'.")
-        take_indices, max_index = feature_take_indices(NUM_TAPS, indices)
+        taken, max_index = take_indices(indices)
         if max_index > self._last_tap:
             raise ValueError(f'ConvMLP feature index {max_index} was pruned; this model '
                              f'computes taps 0..{self._last_tap}.')
         last = max_index if (stop_early or intermediates_only) else self._last_tap
         intermediates = []
         for index, tap in self.forward_taps(x, last=last):
-            if index not in take_indices:
+            if index not in taken:
                 continue
+            taken_map = tap
             if norm and index == NUM_TAPS - 1:
-                tap = self.norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                taken_map = self.norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             # Contiguous NCHW: some consumers (mmcv's CPU RoIAlign) read raw memory as NCHW.
-            intermediates.append(tap.permute(0, 2, 3, 1) if output_fmt == 'NHWC'
-                                 else channels_first(tap))
+            intermediates.append(taken_map.permute(0, 2, 3, 1) if output_fmt == 'NHWC'
+                                 else channels_first(taken_map))
         if intermediates_only:
             return intermediates
-        return self.norm(tap.permute(0, 2, 3, 1)), intermediates
+        final = tap.permute(0, 2, 3, 1)
+        return (self.norm(final) if index == NUM_TAPS - 1 else final), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True
@@ -160,7 +192,7 @@ class ConvMLPClassifier(ConvMLPFeatures):
         """Drop what the maps at ``indices`` do not need: the parts after the last of them,
         the final norm (``prune_norm`` or when map 3 is not needed) and the classifier
         (``prune_head``). Returns the absolute indices kept."""
-        take_indices, max_index = feature_take_indices(NUM_TAPS, indices)
+        taken, max_index = take_indices(indices)
         if max_index < 2:
             self.stages = nn.ModuleList()
         elif max_index < 3:
@@ -172,7 +204,7 @@ class ConvMLPClassifier(ConvMLPFeatures):
             self.norm = nn.Identity()
         if prune_head or max_index < NUM_TAPS - 1:
             self.reset_classifier(0, '')
-        return take_indices
+        return taken
 
 
 def _cfg(arch: str, **kwargs) -> Dict[str, Any]:
