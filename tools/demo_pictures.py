@@ -1,21 +1,24 @@
 """Pictures of a detector trained on the shapes demo data: predictions on validation images and
 the training curves (loss and COCO mAP), as PNG files.
 
-    python tools/demo_pictures.py CONFIG WORK_DIR [--checkpoint PTH] [--out DIR]
+    python tools/demo_pictures.py CONFIG WORK_DIR [--checkpoint PTH] [--out DIR] [--device D]
 
 WORK_DIR is the ``--work-dir`` of ``tools/train.py``: the curves come from the newest
 ``*/vis_data/scalars.json`` inside it and the checkpoint, unless given, from its
-``last_checkpoint``. Prints the paths of the pictures it writes.
+``last_checkpoint``. The predictions are made and drawn as ``tools/infer.py`` does it, on the
+GPU when there is one. Prints the paths of the pictures it writes.
 """
 import argparse
 import glob
 import json
 import os
 import os.path as osp
+import sys
 from collections import defaultdict
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+
+sys.path.insert(0, osp.dirname(osp.abspath(__file__)))  # tools/infer.py
 
 SCALE = 2          # validation images are small: draw them bigger
 SCORE_THR = 0.5
@@ -30,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument('--out', help='output folder (default: WORK_DIR/pictures)')
     parser.add_argument('--num-images', type=int, default=12)
     parser.add_argument('--score-thr', type=float, default=SCORE_THR)
+    parser.add_argument('--device', help='default: cuda if available, else cpu')
     return parser.parse_args(argv)
 
 
@@ -105,89 +109,74 @@ def plot_curves(work_dir, out_file):
 # ----------------------------------------------------------------------------------------
 # Predictions
 
-def _colour(label):
-    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180),
-               (245, 130, 48), (70, 240, 240), (240, 50, 230)]
-    return palette[label % len(palette)]
+
+def ground_truth(data_info: dict, with_masks: bool):
+    """The annotated objects of one image of an mmdet dataset (``get_data_info``) as the
+    ``gt_instances`` mmdet's visualizer draws: boxes (x1, y1, x2, y2), labels and, with
+    ``with_masks``, polygon masks."""
+    import torch
+    from mmdet.structures.mask import PolygonMasks
+    from mmengine.structures import InstanceData
+    objects = [o for o in data_info['instances'] if not o.get('ignore_flag', 0)]
+    gt = InstanceData(bboxes=torch.tensor([o['bbox'] for o in objects],
+                                          dtype=torch.float32).reshape(-1, 4),
+                      labels=torch.tensor([o['bbox_label'] for o in objects], dtype=torch.long))
+    if with_masks:
+        gt.masks = PolygonMasks([o['mask'] for o in objects], data_info['height'],
+                                data_info['width'])
+    return gt
 
 
-def _label(draw, xy, text, colour, font):
-    x, y = xy
-    box = draw.textbbox((x, y), text, font=font)
-    draw.rectangle(box, fill=colour)
-    draw.text((x, y), text, fill=(0, 0, 0), font=font)
+def enlarge(image: np.ndarray, sample, factor: int):
+    """``image`` and the boxes and masks of ``sample`` (predictions and ground truth)
+    ``factor`` times larger, pixels repeated: the visualizer's labels then fit small images."""
+    image = image.repeat(factor, axis=0).repeat(factor, axis=1)
+    for instances in (sample.pred_instances, sample.gt_instances):
+        instances.bboxes = instances.bboxes * factor
+        if 'masks' not in instances:
+            continue
+        if hasattr(instances.masks, 'rescale'):  # PolygonMasks of the ground truth
+            instances.masks = instances.masks.rescale(factor)
+        else:  # (N, H, W) tensor of the predictions
+            instances.masks = instances.masks.repeat_interleave(factor, 1) \
+                .repeat_interleave(factor, 2)
+    return image, sample
 
 
-def draw_predictions(config, checkpoint, out_file, num_images=12, score_thr=SCORE_THR):
-    """Ground truth beside predictions for the first validation images, in one grid."""
-    from mmdet.apis import inference_detector, init_detector
-    from mmengine.config import Config
-    from pycocotools.coco import COCO
+def grid(pictures, columns: int = 2, gap: int = 12) -> np.ndarray:
+    """The (H, W, 3) pictures in rows of ``columns``, on white, ``gap`` pixels apart."""
+    height = max(p.shape[0] for p in pictures)
+    width = max(p.shape[1] for p in pictures)
+    rows = (len(pictures) + columns - 1) // columns
+    sheet = np.full((rows * (height + gap) - gap, columns * (width + gap) - gap, 3), 255,
+                    np.uint8)
+    for i, picture in enumerate(pictures):
+        y, x = (i // columns) * (height + gap), (i % columns) * (width + gap)
+        sheet[y:y + picture.shape[0], x:x + picture.shape[1]] = picture
+    return sheet
 
-    import mmconvmlp  # noqa: F401  (registers ConvMLP)
-    from mmconvmlp.runner_utils import checkpoint_globals
 
-    cfg = Config.fromfile(config)
-    dataset = cfg.val_dataloader.dataset
-    coco = COCO(osp.join(dataset.data_root, dataset.ann_file))
-    img_dir = osp.join(dataset.data_root, dataset.data_prefix['img'])
-    classes = list(dataset.metainfo['classes'])
-    # mmengine checkpoints hold more than tensors: allow those classes to torch's safe loading.
-    with checkpoint_globals():
-        model = init_detector(cfg, checkpoint, device='cpu')
-    font = ImageFont.load_default()
+def draw_predictions(config, checkpoint, out_file, num_images=12, score_thr=SCORE_THR,
+                     device=None):
+    """Ground truth beside the predictions for the first validation images, in one grid.
 
-    tiles = []
-    image_ids = sorted(coco.getImgIds())[:num_images]
-    for image_id in image_ids:
-        info = coco.loadImgs(image_id)[0]
-        path = osp.join(img_dir, info['file_name'])
-        image = Image.open(path).convert('RGB')
-        size = (image.width * SCALE, image.height * SCALE)
-        gt = image.resize(size, Image.NEAREST)
-        draw = ImageDraw.Draw(gt)
-        for ann in coco.loadAnns(coco.getAnnIds(imgIds=[image_id])):
-            x, y, w, h = [v * SCALE for v in ann['bbox']]
-            name = coco.loadCats(ann['category_id'])[0]['name']
-            colour = _colour(classes.index(name) if name in classes else 0)
-            draw.rectangle([x, y, x + w - 1, y + h - 1], outline=colour, width=2)
-            _label(draw, (x + 2, y + 2), name, colour, font)
+    The model runs and the pictures are drawn as ``tools/infer.py`` does it (mmdet's
+    ``DetInferencer`` and ``DetLocalVisualizer``), each image :data:`SCALE` times larger."""
+    import mmcv
+    from mmdet.registry import DATASETS
+    from infer import build_inferencer, default_device, draw, predict, read_image
 
-        result = inference_detector(model, path).pred_instances
-        keep = result.scores >= score_thr
-        pred = image.resize(size, Image.NEAREST)
-        if 'masks' in result and keep.any():
-            overlay = np.asarray(pred).astype(np.float32)
-            for mask, label in zip(result.masks[keep].numpy(), result.labels[keep].tolist()):
-                mask = np.asarray(Image.fromarray(mask.astype(np.uint8)).resize(size,
-                                                                               Image.NEAREST),
-                                  bool)
-                overlay[mask] = 0.5 * overlay[mask] + 0.5 * np.array(_colour(label))
-            pred = Image.fromarray(overlay.astype(np.uint8))
-        draw = ImageDraw.Draw(pred)
-        for box, score, label in zip(result.bboxes[keep].tolist(), result.scores[keep].tolist(),
-                                     result.labels[keep].tolist()):
-            x0, y0, x1, y1 = [v * SCALE for v in box]
-            colour = _colour(label)
-            draw.rectangle([x0, y0, x1, y1], outline=colour, width=2)
-            _label(draw, (x0 + 2, y0 + 2), f'{classes[label]} {score:.2f}', colour, font)
-        pair = Image.new('RGB', (size[0] * 2 + 6, size[1] + 16), (255, 255, 255))
-        pair.paste(gt, (0, 16))
-        pair.paste(pred, (size[0] + 6, 16))
-        d = ImageDraw.Draw(pair)
-        d.text((2, 2), f'{info["file_name"]}: ground truth', fill=(0, 0, 0), font=font)
-        d.text((size[0] + 8, 2), f'prediction (score >= {score_thr})', fill=(0, 0, 0),
-               font=font)
-        tiles.append(pair)
-
-    cols = 2
-    rows = (len(tiles) + cols - 1) // cols
-    tw, th = tiles[0].size
-    sheet = Image.new('RGB', (cols * tw + (cols - 1) * 12, rows * th + (rows - 1) * 12),
-                      (255, 255, 255))
-    for i, tile in enumerate(tiles):
-        sheet.paste(tile, ((i % cols) * (tw + 12), (i // cols) * (th + 12)))
-    sheet.save(out_file)
+    inferencer = build_inferencer(config, checkpoint, device or default_device())
+    dataset = DATASETS.build(inferencer.cfg.val_dataloader.dataset)
+    pictures = []
+    for index in range(min(num_images, len(dataset))):
+        info = dataset.get_data_info(index)
+        image = read_image(info['img_path'])
+        sample = predict(inferencer, image)
+        sample.gt_instances = ground_truth(info, 'masks' in sample.pred_instances)
+        image, sample = enlarge(image, sample, SCALE)
+        pictures.append(draw(inferencer, image, sample, score_thr, draw_gt=True))
+    mmcv.imwrite(grid(pictures)[..., ::-1], out_file)
     return out_file
 
 
@@ -213,7 +202,7 @@ def main(argv=None):
     checkpoint = args.checkpoint or last_checkpoint(args.work_dir)
     curves = plot_curves(args.work_dir, osp.join(out, 'training_curves.png'))
     preds = draw_predictions(args.config, checkpoint, osp.join(out, 'val_predictions.png'),
-                             args.num_images, args.score_thr)
+                             args.num_images, args.score_thr, args.device)
     print(f'training curves (loss, validation mAP): {curves}')
     print(f'predictions on validation images:       {preds}')
 
