@@ -21,16 +21,17 @@ The released COCO and ADE20K checkpoints were written by MMDetection 2.x and MMS
   RPNHead (``rpn_conv``, ``rpn_cls``, ``rpn_reg``), the Mask R-CNN RoI heads
   (``bbox_head.shared_fcs``/``fc_cls``/``fc_reg``, ``mask_head.convs``/``upsample``/
   ``conv_logits``) and the Semantic FPN head (``scale_heads``, ``conv_seg``). The backbone
-  carries the authors' names, which :class:`~mmconvmlp.models.ConvMLP` uses. So the mapping
-  (:data:`LEGACY_RENAMES`) is empty: the conversion keeps the names and *checks* them against
-  the model the matching config builds, since ``tools/test.py`` loads non-strictly and would
-  otherwise ignore a wrong name silently.
+  carries the authors' names, which :class:`~mmconvmlp.models.ConvMLP` uses, and mmcv 1.x
+  saved the state dict of the unwrapped model (no ``module.`` prefix). So nothing is
+  renamed: the conversion keeps the names and *checks* them against the model the matching
+  config builds, since ``tools/test.py`` loads non-strictly and would otherwise ignore a
+  wrong name silently (``tests/test_checkpoints.py`` writes the old names from those
+  releases' module definitions).
 
 :func:`convert_released_checkpoint` writes a plain ``{'state_dict', 'meta'}`` checkpoint that
 ``torch.load(weights_only=True)`` accepts; ``tools/model_converters/convert_released_checkpoint.py``
 is its command line.
 """
-import importlib
 import io
 import os
 import os.path as osp
@@ -39,16 +40,17 @@ import re
 import types
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
 import torch
 
+from .config_models import build_config_model
 from .models.convmlp import ARCH_SETTINGS
 from .models.weights import CheckpointMismatchError, _listing, describe_mismatch
 
 __all__ = [
-    'UnloadedGlobal', 'load_checkpoint_safely', 'to_plain', 'numpy_value', 'LEGACY_RENAMES',
-    'KNOWN_PREFIXES', 'map_legacy_state_dict', 'infer_model', 'matching_config',
+    'UnloadedGlobal', 'load_checkpoint_safely', 'to_plain', 'numpy_value', 'KNOWN_PREFIXES',
+    'model_entries', 'infer_model', 'matching_config',
     'check_against_config', 'convert_released_checkpoint', 'ConversionReport',
 ]
 
@@ -57,9 +59,6 @@ KNOWN_PREFIXES = ('backbone.', 'neck.', 'bbox_head.', 'rpn_head.', 'roi_head.',
                   'decode_head.', 'auxiliary_head.')
 #: The ImageNet classifier, should a backbone in a checkpoint still carry it: dropped.
 BACKBONE_CLASSIFIER = ('backbone.head.', 'backbone.norm.')
-#: ``(pattern, replacement)`` renames applied, in order, to every old name. Empty: see the
-#: module docs for the audit of MMDetection 2.x -> 3.x and MMSegmentation 0.x -> 1.x.
-LEGACY_RENAMES: List[Tuple[str, str]] = []
 
 #: Config files of the paper's models, relative to the repository root, by (family, arch).
 CONFIG_PATTERNS = {
@@ -235,7 +234,6 @@ class ConversionReport:
     """What a conversion did and what it could not do, by name."""
     source: str = ''
     unloaded_globals: List[str] = field(default_factory=list)
-    renamed: Dict[str, str] = field(default_factory=dict)
     dropped_classifier: List[str] = field(default_factory=list)
     dropped_top_level: List[str] = field(default_factory=list)
     unmapped: List[str] = field(default_factory=list)
@@ -257,33 +255,27 @@ class ConversionReport:
                          + ', '.join(self.unloaded_globals))
         if self.dropped_top_level:
             lines.append('dropped: ' + ', '.join(self.dropped_top_level))
-        if self.renamed:
-            lines.append(f'{len(self.renamed)} parameters renamed')
         text = '\n'.join(lines) + '\n'
         text += _listing('ImageNet classifier entries dropped', self.dropped_classifier)
         text += _listing('entries that cannot be mapped', self.unmapped)
         return text
 
 
-def map_legacy_state_dict(state_dict: Mapping[str, Any], report: ConversionReport
-                          ) -> 'OrderedDict[str, torch.Tensor]':
-    """The old ``state_dict`` in today's names. Entries outside :data:`KNOWN_PREFIXES` and
-    entries that are not tensors go to ``report.unmapped``; a backbone's ImageNet classifier
-    goes to ``report.dropped_classifier``; a ``module.`` wrapper prefix is removed."""
+def model_entries(state_dict: Mapping[str, Any], report: ConversionReport
+                  ) -> 'OrderedDict[str, torch.Tensor]':
+    """The old ``state_dict``'s entries that today's model takes (the names are the same).
+    Entries outside :data:`KNOWN_PREFIXES` and entries that are not tensors go to
+    ``report.unmapped``; a backbone's ImageNet classifier goes to
+    ``report.dropped_classifier``."""
     mapped: 'OrderedDict[str, torch.Tensor]' = OrderedDict()
-    for old_name, value in state_dict.items():
-        name = old_name[len('module.'):] if old_name.startswith('module.') else old_name
-        for pattern, replacement in LEGACY_RENAMES:
-            name = re.sub(pattern, replacement, name)
+    for name, value in state_dict.items():
         if name.startswith(BACKBONE_CLASSIFIER):
-            report.dropped_classifier.append(old_name)
+            report.dropped_classifier.append(name)
         elif not isinstance(value, torch.Tensor):
-            report.unmapped.append(f'{old_name} (a {type(value).__name__}, not a tensor)')
+            report.unmapped.append(f'{name} (a {type(value).__name__}, not a tensor)')
         elif not name.startswith(KNOWN_PREFIXES):
-            report.unmapped.append(f'{old_name} (not part of a detector or segmentor)')
+            report.unmapped.append(f'{name} (not part of a detector or segmentor)')
         else:
-            if name != old_name:
-                report.renamed[old_name] = name
             mapped[name] = value
     return mapped
 
@@ -329,24 +321,10 @@ def matching_config(family: Optional[str], arch: Optional[str],
     return path if osp.isfile(path) else None
 
 
-def build_model_from_config(config: str) -> torch.nn.Module:
-    """Build the model of an MMDetection / MMSegmentation config (its ``custom_imports``
-    included) in that config's scope, without loading any weights."""
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope, init_default_scope
-    cfg = Config.fromfile(config)
-    scope = cfg.get('default_scope', 'mmdet')
-    init_default_scope(scope)
-    importlib.import_module(f'{scope}.models')
-    models = importlib.import_module(f'{scope}.registry').MODELS
-    with DefaultScope.overwrite_default_scope(scope):
-        return models.build(cfg.model)
-
-
 def check_against_config(state_dict: Mapping[str, torch.Tensor], config: str) -> None:
     """Raise :class:`CheckpointMismatchError` naming every entry of the model built from
     ``config`` that ``state_dict`` lacks or mis-shapes, and every entry it has in excess."""
-    listing = describe_mismatch(build_model_from_config(config).state_dict(), state_dict)
+    listing = describe_mismatch(build_config_model(config).state_dict(), state_dict)
     if listing:
         raise CheckpointMismatchError(
             f'The converted weights do not fit the model of {config}:\n{listing}')
@@ -391,7 +369,7 @@ def convert_released_checkpoint(src: str, dst: str, config: Optional[str] = None
                                                                                'meta'))
     else:
         old_state, checkpoint = checkpoint, {}
-    state_dict = map_legacy_state_dict(old_state, report)
+    state_dict = model_entries(old_state, report)
     if report.unmapped and not allow_unmapped:
         raise CheckpointMismatchError(
             f'{src}: some entries cannot be mapped to a detector or segmentor (pass '

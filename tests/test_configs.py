@@ -4,7 +4,7 @@ import os.path as osp
 import pytest
 from mmengine.config import Config
 
-import mmconvmlp  # noqa: F401
+from mmconvmlp.config_models import build_config_model
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 URL = 'https://shi-labs.com/projects/convmlp/checkpoints/convmlp_{}_imagenet.pth'
@@ -42,22 +42,10 @@ def load(name):
     return Config.fromfile(osp.join(ROOT, 'configs', name))
 
 
-def build(cfg):
-    """The model of ``cfg`` in its own scope, without loading the ImageNet weights."""
-    from mmengine.registry import DefaultScope
-    scope = cfg.default_scope
-    with DefaultScope.overwrite_default_scope(scope):
-        if scope == 'mmdet':
-            from mmdet.registry import MODELS
-        else:
-            from mmseg.registry import MODELS
-        return MODELS.build(cfg.model)
-
-
 @pytest.mark.parametrize('name', sorted(PAPER_PARAMS))
 def test_builds_with_paper_parameter_count(name):
     cfg = load(name)
-    model = build(cfg)
+    model = build_config_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     assert params / 1e6 == pytest.approx(PAPER_PARAMS[name], abs=0.055), params
     assert params == EXACT_PARAMS[name]
@@ -123,3 +111,10 @@ def test_m_and_l_change_only_the_backbone_size(family, base):
                     'train_dataloader', 'test_dataloader'):
             assert cfg[key] == small[key], key
         assert cfg.model.backbone.arch == arch
+
+
+def test_a_config_without_a_scope_is_refused(tmp_path):
+    path = tmp_path / 'no_scope.py'
+    path.write_text("model = dict(type='ConvMLP')\n")
+    with pytest.raises(ValueError, match='no_scope.py sets no default_scope'):
+        build_config_model(str(path))

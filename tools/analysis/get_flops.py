@@ -57,27 +57,13 @@ def imagenet_model(arch: str) -> nn.Module:
     return timm.create_model(f'convmlp_{arch}', pretrained=False)
 
 
-def build_from_config(config: str) -> nn.Module:
+def config_model(config: str):
+    """``(model, scope)`` of an mmdet or mmseg config, built without its weights."""
     from mmengine.config import Config
-    from mmengine.registry import DefaultScope, MODELS as ROOT_MODELS
 
-    import mmconvmlp  # noqa: F401
+    from mmconvmlp.config_models import build_config_model
     cfg = Config.fromfile(config)
-    backbone = cfg.model.get('backbone', {})
-    if isinstance(backbone.get('init_cfg'), dict):
-        backbone.init_cfg = None  # count only: no checkpoint download
-    cfg.model.pop('pretrained', None)
-    scope = cfg.get('default_scope', 'mmdet')
-    DefaultScope.get_instance(f'get_flops-{osp.basename(config)}', scope_name=scope)
-    if scope == 'mmdet':
-        from mmdet.registry import MODELS
-    elif scope == 'mmseg':
-        from mmseg.registry import MODELS
-    else:
-        MODELS = ROOT_MODELS
-    model = MODELS.build(cfg.model)
-    model.scope = scope
-    return model
+    return build_config_model(cfg), cfg.default_scope
 
 
 class TensorForward(nn.Module):
@@ -150,8 +136,7 @@ def main(argv=None):
             model, scope = imagenet_model(arch), 'imagenet'
         else:
             path = config if osp.isabs(config) or osp.exists(config) else osp.join(ROOT, config)
-            model = build_from_config(path)
-            scope = model.scope
+            model, scope = config_model(path)
         shapes = [tuple(args.shape)] if args.shape else DEFAULT_SHAPES.get(scope, [(224, 224)])
         for width, height in shapes:
             macs, params = count(model, width, height, scope)

@@ -33,11 +33,8 @@ model = dict(
 
 
 def main():
-    from mmseg.registry import MODELS
-    from mmseg.utils import register_all_modules
-    register_all_modules()
-    cfg = Config.fromstring(CONFIG, file_format='.py')
-    model = MODELS.build(cfg.model)
+    from mmconvmlp.config_models import build_config_model
+    model = build_config_model(Config.fromstring(CONFIG, file_format='.py'))
     model.init_weights()
     model.eval()
     image = torch.randn(1, 3, 64, 64)
