@@ -24,7 +24,8 @@ MIM_ITEMS = ('model-index.yml', 'configs', 'tools')
 #     return_datasample), used by tools/infer.py;
 #   mmsegmentation 1.0: the sem_fpn base config and MMSegInferencer;
 #   mmengine 0.7.1 and mmcv 2.0.0 up to 2.2.0: what mmdet 3.2 and 3.3 accept;
-#   timm 1.0.3 (the first 1.x release): feature_take_indices and features_only getters.
+#   timm 1.0.3 (the first 1.x release): features_only through forward_intermediates
+#     (feature_cls='getter'), which 0.9.16 lacks.
 INSTALL_REQUIRES = [
     'torch>=2.4',
     'mmengine>=0.7.1,<1.0',
