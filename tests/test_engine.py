@@ -14,8 +14,8 @@ from mmengine.model import BaseModel
 from mmengine.runner import load_checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
-from mmconvmlp.engine import CheckpointRefusedError, ConvMLPRunner
-from mmconvmlp.engine.safe_loading import CheckpointUnreadableError
+from mmconvmlp.engine import (CheckpointRefusedError, CheckpointUnreadableError,
+                              ConvMLPRunner)
 from mmconvmlp.models import ConvMLP
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))

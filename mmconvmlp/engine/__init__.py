@@ -16,11 +16,12 @@ from .data_check import DataNotFoundError, check_data
 from .precision import BF16AutocastOptimWrapper, mixed_precision_optim_wrapper
 from .readable_errors import ReadableError, install_excepthook
 from .runner import ConvMLPRunner
-from .safe_loading import CheckpointRefusedError, allow_mmengine_checkpoints
+from .safe_loading import (CheckpointRefusedError, CheckpointUnreadableError,
+                           allow_mmengine_checkpoints)
 
 allow_mmengine_checkpoints()
 install_excepthook()
 
-__all__ = ['BF16AutocastOptimWrapper', 'CheckpointRefusedError', 'ConvMLPRunner',
-           'CPUDistributedDataParallel', 'DataNotFoundError', 'ReadableError', 'check_data',
-           'mixed_precision_optim_wrapper']
+__all__ = ['BF16AutocastOptimWrapper', 'CheckpointRefusedError', 'CheckpointUnreadableError',
+           'ConvMLPRunner', 'CPUDistributedDataParallel', 'DataNotFoundError', 'ReadableError',
+           'check_data', 'mixed_precision_optim_wrapper']

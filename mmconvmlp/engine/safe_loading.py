@@ -12,7 +12,6 @@ loading refuses with :class:`CheckpointRefusedError`, a message that says the fi
 run code and names what it asks for, and an empty, truncated or non-checkpoint file with
 :class:`CheckpointUnreadableError`, a message that names the file and what is wrong with it.
 """
-import contextlib
 import functools
 import os.path as osp
 import pickle
@@ -170,10 +169,3 @@ def allow_mmengine_checkpoints() -> None:
         if not getattr(loader, 'gives_readable_errors', False):
             CheckpointLoader.register_scheme(prefix, _with_readable_errors(loader), force=True)
 
-
-@contextlib.contextmanager
-def checkpoint_globals():
-    """Kept until ``tools/demo_pictures.py`` and ``tests/test_checkpoints.py`` drop their
-    ``with`` blocks: importing mmconvmlp allows the globals for the whole process now, so
-    this block adds nothing."""
-    yield
