@@ -141,6 +141,8 @@ def test_features_only_gives_the_four_maps_of_the_backbone(arch='s'):
 def test_features_only_prunes_what_the_chosen_maps_do_not_need():
     full = timm.create_model('convmlp_s', features_only=True)
     assert full.feature_info.out_indices == (0, 1, 2, 3)  # the four maps by default
+    last_two = timm.create_model('convmlp_s', features_only=True, out_indices=2)
+    assert last_two.feature_info.out_indices == (2, 3)  # timm: an int n is the last n
     model = timm.create_model('convmlp_s', features_only=True, out_indices=(1, -2)).eval()
     assert model.feature_info.channels() == [128, 256]
     assert model.feature_info.reduction() == [8, 16]
