@@ -76,7 +76,8 @@ def test_registered_in_a_third_scope():
         scope = 'mmpretrain'
     except ImportError:
         scope = 'third_codebase'
-        scope_models = Registry('model', parent=MODELS, scope=scope)
+        scope_models = MODELS.children[scope] if scope in MODELS.children else \
+            Registry('model', parent=MODELS, scope=scope)
     with DefaultScope.overwrite_default_scope(scope):
         backbone = scope_models.build(dict(type='ConvMLP', arch='s', out_indices=(3,)))
     assert type(backbone) is ConvMLP and list(backbone.out_channels) == [512]
