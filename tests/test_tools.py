@@ -9,8 +9,14 @@ thread): the tools run from a folder holding ``data/coco`` and
 released file name, so the URL in ``init_cfg`` is served from the cache instead of the
 network. ``OMP_NUM_THREADS=1`` for every run: torchrun gives each of its processes one
 thread, and one-process runs must compute with the same thread count to give the very
-same numbers.
+same numbers. ``CUDA_VISIBLE_DEVICES`` is empty: on a machine with GPUs too, the tools run
+on the CPU and torchrun starts gloo processes.
+
+MMDetection's and MMSegmentation's own ``tools/train.py`` and ``tools/test.py``, as their
+wheels ship them, run the same configs: they build the config's ``ConvMLPRunner``.
 """
+import argparse
+import functools
 import glob
 import importlib.util
 import json
@@ -20,12 +26,15 @@ import pickle
 import socket
 import subprocess
 import sys
+import sysconfig
 
 import pytest
 import torch
 
 from mmconvmlp.datasets import write_shapes_dataset
+from mmconvmlp.engine import CheckpointUnreadableError, DataNotFoundError
 from mmconvmlp.models import ConvMLPFeatures
+from test_engine import CreatesFile
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 RETINANET = osp.join(ROOT, 'configs/detection/retinanet_convmlp_s_coco.py')
@@ -88,7 +97,8 @@ def workspace(tmp_path_factory):
                   'head.weight': torch.zeros(1000, 512), 'head.bias': torch.zeros(1000)})
     torch.save(state, hub / 'convmlp_s_imagenet.pth')
     env = dict(os.environ, TORCH_HOME=str(root / 'torch'), OMP_NUM_THREADS='1',
-               MKL_NUM_THREADS='1', PYTHON=sys.executable, PYTHONWARNINGS='ignore')
+               MKL_NUM_THREADS='1', PYTHON=sys.executable, PYTHONWARNINGS='ignore',
+               CUDA_VISIBLE_DEVICES='')
     return root, env
 
 
@@ -120,6 +130,13 @@ def tool(name, *args):
     return [sys.executable, osp.join(ROOT, 'tools', name), *map(str, args)]
 
 
+def wheel_tool(package, name, *args):
+    """A tool as the wheel of ``package`` (mmdet, mmseg) ships it."""
+    module = importlib.import_module(package)
+    path = osp.join(osp.dirname(module.__file__), '.mim', 'tools', name)
+    return [sys.executable, path, *map(str, args)]
+
+
 def dist(name, *args, env):
     env = dict(env, PORT=free_port())
     return ['bash', osp.join(ROOT, 'tools', name), *map(str, args)], env
@@ -134,6 +151,32 @@ def read_metrics(work_dir):
     return {k: v for k, v in lines[-1].items() if k not in ('time', 'data_time', 'step')}
 
 
+def evaluate_in_process(root, config, checkpoint, monkeypatch, out=None):
+    """The metrics of mmengine's own Runner (not ConvMLPRunner) testing ``checkpoint`` on
+    the small images, in this process, with the one thread the tools' runs had; a
+    detector's predictions go to the pickle file ``out`` when given."""
+    from mmengine.config import Config, DictAction
+    from mmengine.runner import Runner
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--options', nargs='+', action=DictAction)
+    cfg = Config.fromfile(config)
+    cfg.merge_from_dict(parser.parse_args(['--options', *small_images(config)]).options)
+    cfg.pop('runner_type')
+    cfg.work_dir = str(root / 'in_process' / osp.basename(config))
+    cfg.load_from = str(checkpoint)
+    monkeypatch.chdir(root)
+    # On the CPU, as the tools ran (with CUDA_VISIBLE_DEVICES empty), on a GPU machine too.
+    monkeypatch.setattr('mmengine.runner.runner.get_device', lambda: 'cpu')
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner = Runner.from_cfg(cfg)
+        if out:
+            from mmdet.evaluation import DumpDetResults
+            runner.test_evaluator.metrics.append(DumpDetResults(out_file_path=str(out)))
+        return runner.test()
+    finally:
+        torch.set_num_threads(threads)
 
 
 def train_log(work_dir):
@@ -142,11 +185,12 @@ def train_log(work_dir):
 
 
 def confident_checkpoint(checkpoint, out):
-    """A copy of a detector's checkpoint (all of it: an mmengine checkpoint, as training
-    wrote it) whose classifier scores the three generated classes well above the test
-    score threshold and the others near 0: an all but untrained model then makes many
-    detections, with near-tied scores. Segmentors are left as they are."""
-    ckpt = torch.load(checkpoint, map_location='cpu', weights_only=False)
+    """A copy of a checkpoint (all of it: an mmengine checkpoint, as training wrote it)
+    whose classifier scores the generated classes well above the others: an all but
+    untrained detector then makes many detections, above the test score threshold and
+    with near-tied scores, and a segmentor labels pixels with the generated classes
+    (ADE20K's 0 for the background, 1-3 for the shapes) instead of any of 150."""
+    ckpt = torch.load(checkpoint, map_location='cpu')
     state = ckpt['state_dict']
     wanted = [0, 2, 16]  # person, car, dog
     if 'bbox_head.retina_cls.bias' in state:  # RetinaNet: sigmoid per anchor and class
@@ -157,13 +201,18 @@ def confident_checkpoint(checkpoint, out):
         bias = torch.full_like(state['roi_head.bbox_head.fc_cls.bias'], -20.)
         bias[wanted] = 5
         state['roi_head.bbox_head.fc_cls.bias'] = bias
+    elif 'decode_head.conv_seg.bias' in state:  # Semantic FPN: softmax per pixel
+        bias = torch.full_like(state['decode_head.conv_seg.bias'], -20.)
+        bias[:len(CLASSES) + 1] = 0
+        state['decode_head.conv_seg.bias'] = bias
     torch.save(ckpt, out)
     return out
 
 
-def train_then_resume(root, env, config, processes=1):
+def train_then_resume(root, env, config, processes=1, resume_tool=tool):
     """Train one epoch (or iteration) with ``processes`` processes, then resume the run
-    with one process for a second one; returns the last checkpoint."""
+    with one process of ``resume_tool``'s train.py for a second one; returns the last
+    checkpoint."""
     name = osp.splitext(osp.basename(config))[0]
     work_dir = root / 'work_dirs' / name
     by_iter = config == SEM_FPN  # an IterBasedTrainLoop
@@ -184,12 +233,12 @@ def train_then_resume(root, env, config, processes=1):
     assert first.is_file()
 
     # --resume without a value: from the latest checkpoint of the work dir
-    run(tool('train.py', config, '--work-dir', work_dir, '--resume', '--cfg-options',
-             length.format(2), *options), root, env)
+    run(resume_tool('train.py', config, '--work-dir', work_dir, '--resume', '--cfg-options',
+                    length.format(2), *options), root, env)
     log = train_log(work_dir)
     assert f'Auto resumed from the latest checkpoint {first}' in log
     last = work_dir / ('iter_2.pth' if by_iter else 'epoch_2.pth')
-    meta = torch.load(last, map_location='cpu', weights_only=False)['meta']
+    meta = torch.load(last, map_location='cpu')['meta']
     assert (meta['iter'] if by_iter else meta['epoch']) == 2
     if by_iter:  # the resumed run trained iteration 2 only
         assert 'Saving checkpoint at 2 iterations' in log
@@ -199,30 +248,41 @@ def train_then_resume(root, env, config, processes=1):
     return last
 
 
-@pytest.mark.parametrize('config,metric', [
-    (MASK_RCNN, 'coco/segm_mAP'), (SEM_FPN, 'mIoU')], ids=['mask_rcnn', 'sem_fpn'])
-def test_train_resume_test(workspace, config, metric):
-    """Train one epoch (or iteration), resume for a second one, test the result."""
+@pytest.mark.parametrize('config,metric,package', [
+    (MASK_RCNN, 'coco/segm_mAP', None), (SEM_FPN, 'mIoU', 'mmseg')],
+    ids=['mask_rcnn', 'sem_fpn_with_mmseg_tools'])
+def test_train_resume_test(workspace, monkeypatch, config, metric, package):
+    """Train one epoch (or iteration), resume for a second one, test the result: with the
+    tools here, or with the resume and the test run by MMSegmentation's own tools. The
+    metric is the one mmengine's own Runner computes for the checkpoint in this process."""
     root, env = workspace
-    last = train_then_resume(root, env, config)
+    own = tool if package is None else functools.partial(wheel_tool, package)
+    last = train_then_resume(root, env, config, resume_tool=own)
     test_dir = root / 'test_dirs' / osp.basename(config)
     checkpoint = confident_checkpoint(last, root / 'confident.pth')
-    run(tool('test.py', config, checkpoint, '--work-dir', test_dir, '--cfg-options',
-             *small_images(config)), root, env)
-    assert metric in read_metrics(test_dir)
+    run(own('test.py', config, checkpoint, '--work-dir', test_dir, '--cfg-options',
+            *small_images(config)), root, env)
+    expected = evaluate_in_process(root, config, checkpoint, monkeypatch)
+    assert metric in expected and max(expected.values()) > 0  # not all zeros
+    measured = read_metrics(test_dir)
+    assert {name: measured[name] for name in expected} == pytest.approx(expected, abs=1e-6)
 
 
-def test_retinanet_two_processes_on_cpu(workspace):
-    """RetinaNet: dist_train.sh with 2 gloo processes, resumed by train.py with one; then
-    dist_test.sh with 2 processes makes the very predictions and reports the very metrics
-    of test.py with one."""
+def test_retinanet_two_processes_on_cpu(workspace, monkeypatch):
+    """RetinaNet: dist_train.sh with 2 gloo processes, resumed by MMDetection's own
+    train.py with one; then dist_test.sh with 2 processes makes the very predictions and
+    reports the very metrics of MMDetection's own test.py with one, and those of
+    mmengine's Runner in this process (the predictions too: the metrics of this all but
+    untrained model are zeros)."""
     root, env = workspace
     options = small_images(RETINANET)
-    last = train_then_resume(root, env, RETINANET, processes=2)
+    mmdet_tool = functools.partial(wheel_tool, 'mmdet')
+    last = train_then_resume(root, env, RETINANET, processes=2, resume_tool=mmdet_tool)
     checkpoint = confident_checkpoint(last, root / 'confident.pth')
 
-    run(tool('test.py', RETINANET, checkpoint, '--work-dir', root / 'test_dirs' / 'one',
-             '--out', root / 'one.pkl', '--cfg-options', *options), root, env)
+    run(mmdet_tool('test.py', RETINANET, checkpoint, '--work-dir',
+                   root / 'test_dirs' / 'one', '--out', root / 'one.pkl', '--cfg-options',
+                   *options), root, env)
     cmd, denv = dist('dist_test.sh', RETINANET, checkpoint, 2, '--work-dir',
                      root / 'test_dirs' / 'two', '--out', root / 'two.pkl',
                      '--cfg-options', *options, env=env)
@@ -230,69 +290,75 @@ def test_retinanet_two_processes_on_cpu(workspace):
     one = read_metrics(root / 'test_dirs' / 'one')
     two = read_metrics(root / 'test_dirs' / 'two')
     assert 'coco/bbox_mAP' in one and one == two
-    with open(root / 'one.pkl', 'rb') as f:
-        preds_one = pickle.load(f)
-    with open(root / 'two.pkl', 'rb') as f:
-        preds_two = pickle.load(f)
-    assert [p['img_id'] for p in preds_one] == [p['img_id'] for p in preds_two] == [1, 2]
-    for a, b in zip(preds_one, preds_two):
-        a, b = a['pred_instances'], b['pred_instances']
+    expected = evaluate_in_process(root, RETINANET, checkpoint, monkeypatch,
+                                   out=root / 'in_process.pkl')
+    assert {name: one[name] for name in expected} == pytest.approx(expected, abs=1e-6)
+    preds = {}
+    for name in ('one', 'two', 'in_process'):
+        with open(root / f'{name}.pkl', 'rb') as f:
+            preds[name] = pickle.load(f)
+        assert [p['img_id'] for p in preds[name]] == [1, 2]
+    for a, b, c in zip(preds['one'], preds['two'], preds['in_process']):
+        a, b, c = a['pred_instances'], b['pred_instances'], c['pred_instances']
         assert len(a['scores']) == 100
-        assert torch.equal(a['labels'], b['labels'])
-        assert torch.equal(a['scores'], b['scores'])
-        assert torch.equal(a['bboxes'], b['bboxes'])
+        for key in ('labels', 'scores', 'bboxes'):
+            assert torch.equal(a[key], b[key])
+            torch.testing.assert_close(a[key], c[key])
 
 
-def test_missing_coco_stops_training_with_a_message(tmp_path, workspace):
+@pytest.mark.parametrize('train', [tool, functools.partial(wheel_tool, 'mmdet')],
+                         ids=['ours', 'mmdet'])
+def test_missing_coco_stops_training_with_a_message(tmp_path, workspace, train):
     _, env = workspace
-    result = run(tool('train.py', RETINANET), tmp_path, env, expect_rc=2)
+    result = run(train('train.py', RETINANET), tmp_path, env, expect_rc=1)
     assert 'Traceback' not in result.stderr
+    assert 'DataNotFoundError: The data set of' in result.stderr
     assert 'missing annotation file: data/coco/annotations/instances_train2017.json' \
         in result.stderr
     assert 'https://cocodataset.org/#download' in result.stderr
-    assert not (tmp_path / 'work_dirs').exists()
+    assert not glob.glob(str(tmp_path / '**' / '*.pth'), recursive=True)
 
 
-def test_missing_ade20k_stops_testing_with_a_message(tmp_path, monkeypatch, capsys):
+def test_missing_ade20k_stops_testing_with_a_message(tmp_path, monkeypatch):
     """The same check in test.py, run in this process (no second start-up)."""
     checkpoint = tmp_path / 'model.pth'
     checkpoint.write_bytes(b'')
     monkeypatch.chdir(tmp_path)
     test_tool = load_script('tools/test.py')
-    with pytest.raises(SystemExit) as exit_info:
+    with pytest.raises(DataNotFoundError) as error:
         test_tool.main([SEM_FPN, str(checkpoint)])
-    assert exit_info.value.code == 2
-    message = capsys.readouterr().err
     assert 'missing img_path folder: data/ade/ADEChallengeData2016/images/validation' \
-        in message
-    assert 'ADEChallengeData2016.zip' in message
-    assert not (tmp_path / 'work_dirs').exists()
+        in str(error.value)
+    assert 'ADEChallengeData2016.zip' in str(error.value)
 
 
-def test_checkpoint_globals_stay_safe(tmp_path):
-    """The getattr that mmengine's checkpoints need reaches HistoryBuffer's statistics
-    methods and nothing else."""
-    import pickle as std_pickle
+def test_an_empty_checkpoint_stops_testing_with_a_message(workspace, monkeypatch):
+    """tools/test.py, in this process, on data that exists."""
+    root, _ = workspace
+    checkpoint = root / 'empty.pth'
+    checkpoint.write_bytes(b'')
+    monkeypatch.chdir(root)
+    test_tool = load_script('tools/test.py')
+    with pytest.raises(CheckpointUnreadableError) as error:
+        test_tool.main([RETINANET, str(checkpoint), '--work-dir', str(root / 'empty_test'),
+                        '--cfg-options', *small_images(RETINANET)])
+    assert str(error.value).startswith(
+        f'{checkpoint} cannot be loaded as a checkpoint: the file is empty (0 bytes).')
 
-    from mmengine.logging.history_buffer import HistoryBuffer
 
-    from mmconvmlp.runner_utils import checkpoint_globals
-
-    class Sneaky:
-        def __reduce__(self):
-            return getattr, (HistoryBuffer, '__init__')
-
-    buffer = HistoryBuffer()
-    buffer.update(3.0)
-    torch.save({'good': buffer}, tmp_path / 'good.pth')
-    torch.save({'bad': Sneaky()}, tmp_path / 'bad.pth')
-    with pytest.raises(std_pickle.UnpicklingError):  # safe loading refuses it by default
-        torch.load(tmp_path / 'good.pth')
-    with checkpoint_globals():
-        loaded = torch.load(tmp_path / 'good.pth')['good']
-        with pytest.raises(std_pickle.UnpicklingError, match='HistoryBuffer'):
-            torch.load(tmp_path / 'bad.pth')
-    assert loaded.mean() == 3.0
+def test_mmdet_test_refuses_a_checkpoint_that_would_run_code(tmp_path, workspace):
+    """MMDetection's own test.py: one message, nothing run, nothing created."""
+    root, env = workspace
+    marker = tmp_path / 'created'
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': {}, 'meta': CreatesFile(marker)}, evil)
+    result = run(wheel_tool('mmdet', 'test.py', RETINANET, evil, '--work-dir',
+                            tmp_path / 'work', '--cfg-options', *small_images(RETINANET)),
+                 root, env, expect_rc=1)
+    assert 'Traceback' not in result.stderr
+    assert f'CheckpointRefusedError: {evil} was refused: loading it would run code' \
+        in result.stderr
+    assert not marker.exists()
 
 
 def test_benchmark_prints_one_row_per_case_and_outputs_agree():
@@ -315,3 +381,30 @@ def test_get_flops_reproduces_the_paper_for_convmlp_s():
     get_flops = load_script('tools/analysis/get_flops.py')
     macs, params = get_flops.count(get_flops.imagenet_model('s'), 224, 224)
     assert round(macs, 1) == 2.4 and round(params, 1) == 9.0
+
+
+def canonical(name: str) -> str:
+    return name.lower().replace('_', '-').replace('.', '-')
+
+
+def test_constraints_pin_the_installed_stack():
+    """requirements/constraints.txt, which tools/setup_env.sh installs from, names every
+    package of requirements/runtime.txt and the version installed here of each package."""
+    from importlib import metadata
+    pins = {}
+    with open(osp.join(ROOT, 'requirements', 'constraints.txt')) as f:
+        for line in f:
+            if '==' in line and not line.startswith('#'):
+                name, version = line.strip().split('==')
+                pins[canonical(name)] = version
+    site_packages = sysconfig.get_paths()['purelib']  # not the copies other packages vendor
+    installed = {canonical(d.metadata['Name']): d.version
+                 for d in metadata.distributions(path=[site_packages])}
+    differing = {name: (version, installed[name]) for name, version in pins.items()
+                 if name in installed and installed[name] != version}
+    assert not differing, f'pinned vs installed: {differing}'
+    with open(osp.join(ROOT, 'requirements', 'runtime.txt')) as f:
+        required = [canonical(line.split('=')[0].split('>')[0].split('<')[0].strip())
+                    for line in f if line.strip() and not line.startswith('#')]
+    assert set(required) <= set(pins), set(required) - set(pins)
+    assert {'torch', 'torchvision', 'mmcv', 'setuptools'} <= set(pins)

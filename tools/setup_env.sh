@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # Builds the environment in .venv/ at the repository root: torch + torchvision, mmcv 2.1.0 with
 # its compiled ops, mmengine, mmdet, mmsegmentation, timm and mmconvmlp itself (editable).
-# Safe to run again: when .venv/ is already complete it only re-checks the imports (seconds).
+# Every package, dependencies included, comes at the version in requirements/constraints.txt:
+# the stack the test suite passed with. Safe to run again: when .venv/ is already complete it
+# only re-checks the imports (seconds).
+#   bash tools/setup_env.sh                 build or check .venv/
+#   bash tools/setup_env.sh --freeze        rewrite requirements/constraints.txt from .venv/
+#                                           (after the suite passed on a changed stack)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
 
 TORCH_PINS=(torch==2.13.0 torchvision==0.28.0)
 MMCV_PIN=mmcv==2.1.0
+CONSTRAINTS=(-c requirements/constraints.txt)
 venv="$root/.venv"
 py="$venv/bin/python"
 stamp="$venv/.mmconvmlp-setup"
@@ -18,7 +24,7 @@ check_imports() {
 import importlib, sys
 failed = []
 for name in ('torch', 'torchvision', 'timm', 'mmengine', 'mmcv.ops', 'mmdet.models',
-             'mmseg.models', 'mmconvmlp'):
+             'mmseg.models', 'mmconvmlp', 'psutil', 'onnx', 'onnxruntime'):
     try:
         importlib.import_module(name)
     except Exception as exc:  # report every failure, not just the first
@@ -28,6 +34,17 @@ if failed:
     sys.exit(1)
 PY
 }
+
+if [ "${1:-}" = "--freeze" ]; then
+  {
+    echo "# The tested stack: tools/setup_env.sh installs every package at this version."
+    echo "# Written by 'bash tools/setup_env.sh --freeze' from a .venv the test suite passed in."
+    PIP_CONFIG_FILE=/dev/null "$py" -m pip freeze --all --exclude-editable \
+      | grep -v -i -E '^(pip|mmconvmlp)=='
+  } > requirements/constraints.txt
+  echo "setup_env: wrote requirements/constraints.txt ($(grep -c '==' requirements/constraints.txt) packages)"
+  exit 0
+fi
 
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$fingerprint" ] && check_imports; then
   exit 0
@@ -44,7 +61,7 @@ if [ ! -x "$py" ]; then
   echo "setup_env: creating $venv"
   "${PYTHON:-python3}" -m venv "$venv"
 fi
-pip=("$py" -m pip install --progress-bar off)
+pip=("$py" -m pip install --progress-bar off "${CONSTRAINTS[@]}")
 
 # setuptools: torch 2.13 needs >= 77.0.3; mmcv's build and mmengine's `mmdet::` config lookup
 # import pkg_resources, which setuptools 81 removed.

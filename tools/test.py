@@ -7,6 +7,9 @@ config), ConvMLP backbones included.
 
 The metrics are printed and written as JSON to WORK_DIR/TIMESTAMP/TIMESTAMP.json.
 Several processes: ``bash tools/dist_test.sh CONFIG CHECKPOINT NUM_PROCESSES [options]``.
+
+A front end over :class:`mmconvmlp.engine.ConvMLPRunner` (the runner every config here
+names, which MMDetection's own tools/test.py builds too), for other configs as well.
 """
 import os.path as osp
 import sys

@@ -7,6 +7,9 @@ backbones included.
 
 Several processes: ``bash tools/dist_train.sh CONFIG NUM_PROCESSES [options]`` (GPUs, or
 gloo processes on the CPU when there is no CUDA).
+
+A front end over :class:`mmconvmlp.engine.ConvMLPRunner` (the runner every config here
+names, which MMDetection's own tools/train.py builds too), for other configs as well.
 """
 import os.path as osp
 import sys
