@@ -1,7 +1,7 @@
 """mmconvmlp.engine in this process and in a bare one: safe loading of mmengine checkpoints
 on every loading path, refused and unreadable files, the backbone from a detector's
-checkpoint, and ConvMLPRunner's checkpoints on a toy model. The runner with the configs
-and the tools end to end is in test_tools.py."""
+checkpoint, ConvMLPRunner's checkpoints on a toy model, launcher and option errors. The
+runner with the configs and the tools end to end is in test_tools.py."""
 import os.path as osp
 import subprocess
 import sys
@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from mmengine.config import Config
 from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.model import BaseModel
 from mmengine.runner import load_checkpoint
@@ -16,6 +17,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from mmconvmlp.engine import (CheckpointRefusedError, CheckpointUnreadableError,
                               ConvMLPRunner)
+from mmconvmlp.engine.command_line import make_parser
+from mmconvmlp.engine.cpu_processes import LAUNCHER_VARIABLES, LauncherError
 from mmconvmlp.models import ConvMLP
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
@@ -238,3 +241,25 @@ def test_resume_with_nothing_to_resume_from_warns(tmp_path):
     assert f'--resume: the work dir {tmp_path} holds no checkpoint to resume from' in text
     assert 'Auto resumed' not in text
     assert (tmp_path / 'epoch_1.pth').exists()
+
+
+@pytest.mark.parametrize('launcher,missing', [
+    ('pytorch', 'RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set; torchrun sets them'),
+    ('slurm', 'SLURM_PROCID, SLURM_NTASKS, SLURM_NODELIST not set; srun sets them')])
+def test_a_launcher_that_set_nothing_is_named(monkeypatch, launcher, missing):
+    """With CUDA or without: mmengine alone fails with a KeyError deep inside."""
+    for name in LAUNCHER_VARIABLES[launcher][0]:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(LauncherError) as error:
+        ConvMLPRunner.from_cfg(Config(dict(launcher=launcher, model=dict(), work_dir='.')))
+    assert str(error.value).startswith(f'--launcher {launcher}: {missing}')
+
+
+def test_a_cfg_option_without_equals_is_a_usage_error(capsys):
+    parser = make_parser('test', 'test')
+    assert parser.parse_args(['c.py', '--cfg-options', 'a.b=1']).cfg_options == {'a.b': 1}
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(['c.py', '--cfg-options', 'a.b=1', 'train_cfg.max_epochs'])
+    assert exit_info.value.code == 2
+    assert 'error: --cfg-options takes KEY=VALUE pairs; "train_cfg.max_epochs" has no "="' \
+        in capsys.readouterr().err

@@ -8,6 +8,17 @@ import sys
 from mmengine.config import Config, DictAction
 
 
+class ConfigOptions(DictAction):
+    """mmengine's ``DictAction`` (``KEY=VALUE`` pairs into a dict), with a usage error for a
+    pair without ``=`` instead of a traceback."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for pair in values or ():
+            if '=' not in pair:
+                parser.error(f'{option_string} takes KEY=VALUE pairs; "{pair}" has no "=".')
+        super().__call__(parser, namespace, values, option_string)
+
+
 def make_parser(description: str, work_dir_help: str) -> argparse.ArgumentParser:
     """An argument parser with the options the two tools share: ``config``,
     ``--work-dir``, ``--cfg-options``, ``--launcher`` and ``--local_rank``."""
@@ -15,7 +26,7 @@ def make_parser(description: str, work_dir_help: str) -> argparse.ArgumentParser
     parser.add_argument('config', help='config file')
     parser.add_argument('--work-dir', help=f'{work_dir_help} (default: the config\'s '
                         'work_dir, else work_dirs/CONFIG_NAME)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+    parser.add_argument('--cfg-options', nargs='+', action=ConfigOptions, metavar='KEY=VALUE',
                         help='override config entries, e.g. train_cfg.max_epochs=1 '
                              'test_dataloader.batch_size=2 (lists: key="[a,b]")')
     parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'],

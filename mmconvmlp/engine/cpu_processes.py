@@ -1,9 +1,11 @@
-"""Several processes without CUDA: ``--launcher pytorch|slurm|mpi`` on CPUs (gloo).
+"""Several processes: ``--launcher pytorch|slurm|mpi``, and on CPUs without CUDA (gloo).
 
-mmengine 0.10.7 cannot start them: its ``init_dist`` calls ``torch.cuda.set_device`` first,
-and it wraps the model in DistributedDataParallel with ``device_ids=[LOCAL_RANK]``, which a
-CPU module refuses. :func:`setup_cpu_distributed` starts the gloo process group itself and
-names :class:`CPUDistributedDataParallel` as the model wrapper.
+:func:`check_launcher_environment` stops a run whose launcher did not set the variables it
+reads (on any device) with one line naming them. Without CUDA, mmengine 0.10.7 cannot
+start the processes: its ``init_dist`` calls ``torch.cuda.set_device`` first, and it wraps
+the model in DistributedDataParallel with ``device_ids=[LOCAL_RANK]``, which a CPU module
+refuses. :func:`setup_cpu_distributed` starts the gloo process group itself and names
+:class:`CPUDistributedDataParallel` as the model wrapper.
 """
 import os
 import subprocess
@@ -13,6 +15,33 @@ import torch
 import torch.distributed as torch_dist
 from mmengine.model import MMDistributedDataParallel, revert_sync_batchnorm
 from mmengine.registry import MODEL_WRAPPERS
+
+from .readable_errors import ReadableError
+
+#: The variables each launcher sets in every process it starts, and how to start one.
+LAUNCHER_VARIABLES = {
+    'pytorch': (('RANK', 'WORLD_SIZE', 'MASTER_ADDR', 'MASTER_PORT'),
+                'torchrun sets them: bash tools/dist_train.sh CONFIG NUM_PROCESSES'),
+    'slurm': (('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'),
+              'srun sets them: bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR'),
+    'mpi': (('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK'),
+            "Open MPI's mpirun sets them"),
+}
+
+
+class LauncherError(ReadableError, RuntimeError):
+    """``--launcher`` names a launcher that did not start this process."""
+
+
+def check_launcher_environment(launcher: str) -> None:
+    """Raise :class:`LauncherError` naming the variables ``launcher`` should have set
+    and did not (for ``'none'`` there are none)."""
+    names, how = LAUNCHER_VARIABLES.get(launcher, ((), ''))
+    missing = [name for name in names if name not in os.environ]
+    if missing:
+        raise LauncherError(
+            f'--launcher {launcher}: {", ".join(missing)} not set; {how}. For one process '
+            'started by hand, leave out --launcher.')
 
 
 @MODEL_WRAPPERS.register_module()

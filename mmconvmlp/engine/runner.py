@@ -5,8 +5,9 @@ every entry point that builds a Runner from such a config: mmdet's and mmseg's o
 ``tools/train.py`` and ``tools/test.py`` (they call ``RUNNERS.build(cfg)`` when a config
 names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. It adds:
 
-* several processes without CUDA (:mod:`.cpu_processes`): ``--launcher pytorch``, ``slurm``
-  or ``mpi`` on CPUs starts gloo processes, and ``OMP_NUM_THREADS`` sets the thread count;
+* several processes (:mod:`.cpu_processes`): a launcher that did not set its variables is
+  named in one line; without CUDA, ``--launcher pytorch``, ``slurm`` or ``mpi`` starts gloo
+  processes, and ``OMP_NUM_THREADS`` sets the thread count;
 * the data check (:mod:`.data_check`): training, validation and testing first make sure the
   data they read exist, and stop with :class:`~.data_check.DataNotFoundError` otherwise;
 * atomic checkpoints (:mod:`.atomic_save`): a checkpoint in a local folder becomes visible
@@ -25,7 +26,8 @@ from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
 from .atomic_save import partial_name, publish
-from .cpu_processes import set_cpu_threads, setup_cpu_distributed
+from .cpu_processes import (check_launcher_environment, set_cpu_threads,
+                            setup_cpu_distributed)
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
 
 
@@ -37,6 +39,7 @@ class ConvMLPRunner(Runner):
     @classmethod
     def from_cfg(cls, cfg) -> 'ConvMLPRunner':
         cfg = copy.deepcopy(cfg)
+        check_launcher_environment(cfg.get('launcher', 'none'))
         set_cpu_threads()
         setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
         return super().from_cfg(cfg)
