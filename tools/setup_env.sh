@@ -41,7 +41,8 @@ if [ "${1:-}" = "--freeze" ]; then
     echo "# Written by 'bash tools/setup_env.sh --freeze' from a .venv the test suite passed in."
     PIP_CONFIG_FILE=/dev/null "$py" -m pip freeze --all --exclude-editable \
       | grep -v -i -E '^(pip|mmconvmlp)=='
-  } > requirements/constraints.txt
+  } > requirements/constraints.txt.new
+  mv requirements/constraints.txt.new requirements/constraints.txt
   echo "setup_env: wrote requirements/constraints.txt ($(grep -c '==' requirements/constraints.txt) packages)"
   exit 0
 fi
