@@ -2,6 +2,7 @@
 on every loading path, refused and unreadable files, the backbone from a detector's
 checkpoint, ConvMLPRunner's checkpoints on a toy model, launcher and option errors. The
 runner with the configs and the tools end to end is in test_tools.py."""
+import glob
 import os.path as osp
 import subprocess
 import sys
@@ -263,3 +264,11 @@ def test_a_cfg_option_without_equals_is_a_usage_error(capsys):
     assert exit_info.value.code == 2
     assert 'error: --cfg-options takes KEY=VALUE pairs; "train_cfg.max_epochs" has no "="' \
         in capsys.readouterr().err
+
+
+def test_every_config_names_the_runner():
+    """So that mmdet's and mmseg's own train.py build ConvMLPRunner for them too."""
+    paths = sorted(glob.glob(osp.join(ROOT, 'configs', '*', '*.py')))
+    assert len(paths) >= 12
+    assert {osp.basename(p): Config.fromfile(p).get('runner_type') for p in paths} == \
+        {osp.basename(p): 'ConvMLPRunner' for p in paths}
