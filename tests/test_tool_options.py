@@ -1,12 +1,13 @@
 """What the README promises of the tools' options, each run once, small: registration in a
 third OpenMMLab scope, ``tools/train.py --amp --auto-scale-lr`` and ``--resume CHECKPOINT``,
-``tools/test.py --tta --out DIR --show-dir DIR`` for segmentation, SyncBN in CPU processes,
-and ``get_flops`` for ConvMLP-M and L.
+``tools/test.py --tta --out DIR --show-dir DIR`` for segmentation and ``--show-dir`` for
+detection, SyncBN in CPU processes, and ``get_flops`` for ConvMLP-M and L.
 
-The tools run on Semantic FPN + ConvMLP-S (the quickest paper config) over a shapes data set
-of 2 + 1 images of 64x64, written by the test, with the configs' image sizes shrunk, one
-data-loading process, no ImageNet weights (``model.backbone.init_cfg=None``) and CUDA hidden
-(``CUDA_VISIBLE_DEVICES=''``), so that the CPU paths run on any machine.
+The tools run on Semantic FPN + ConvMLP-S (the quickest paper config; RetinaNet for
+detection) over shapes data sets of 1-2 + 1-2 images of 64x64, written by the tests, with the
+configs' image sizes shrunk, one data-loading process, no ImageNet weights
+(``model.backbone.init_cfg=None``) and CUDA hidden (``CUDA_VISIBLE_DEVICES=''``), so that the
+CPU paths run on any machine.
 """
 import glob
 import os
@@ -27,21 +28,24 @@ from mmconvmlp.models import ConvMLP
 
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 SEM_FPN = osp.join(ROOT, 'configs/segmentation/fpn_convmlp_s_ade20k.py')
+RETINANET = osp.join(ROOT, 'configs/detection/retinanet_convmlp_s_coco.py')
 TIMEOUT = 300
 
 
-def small_fpn_options():
-    """``--cfg-options`` for a quick Semantic FPN run on 64x64 images: training resizes into
-    128x64 (ratio 0.5-2) and crops 64x64 from batches of one; testing resizes into 128x64."""
-    cfg = Config.fromfile(SEM_FPN)
-    options = ['model.backbone.init_cfg=None', 'model.data_preprocessor.size=(64,64)',
-               'train_dataloader.batch_size=1', 'default_hooks.logger.interval=1',
-               'default_hooks.checkpoint.interval=1']
+def small_options(config, scale):
+    """``--cfg-options`` for a quick run on 64x64 images: no ImageNet weights, one
+    data-loading process, resizes into ``scale`` (W, H) instead of 2048x512 or 1333x800,
+    64x64 crops, batches of one; logs and checkpoints after every iteration."""
+    cfg = Config.fromfile(config)
+    options = ['model.backbone.init_cfg=None', 'train_dataloader.batch_size=1',
+               'default_hooks.logger.interval=1', 'default_hooks.checkpoint.interval=1']
+    if cfg.default_scope == 'mmseg':
+        options.append('model.data_preprocessor.size=(64,64)')
     for loader in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
         options += [f'{loader}.num_workers=0', f'{loader}.persistent_workers=False']
         for i, step in enumerate(cfg[loader].dataset.pipeline):
             if step.type in ('Resize', 'RandomResize'):
-                options.append(f'{loader}.dataset.pipeline.{i}.scale=(128,64)')
+                options.append(f'{loader}.dataset.pipeline.{i}.scale={scale}')
             elif step.type == 'RandomCrop':
                 options.append(f'{loader}.dataset.pipeline.{i}.crop_size=(64,64)')
     return options
@@ -87,7 +91,7 @@ def test_train_amp_auto_scale_lr_then_resume_then_test_tta_out_show_dir(workspac
     """train.py --amp --auto-scale-lr for one iteration; train.py --resume CHECKPOINT for a
     second; test.py --tta --out DIR --show-dir DIR on the result."""
     root, env = workspace
-    options = small_fpn_options()
+    options = small_options(SEM_FPN, '(128,64)')
     first = root / 'first'
     log = run_tool('train.py', [SEM_FPN, '--work-dir', first, '--amp', '--auto-scale-lr',
                                 '--cfg-options', 'train_cfg.max_iters=1', *options],
@@ -128,6 +132,29 @@ def test_train_amp_auto_scale_lr_then_resume_then_test_tta_out_show_dir(workspac
     # --show-dir DIR: the image with the prediction drawn on it
     drawn = glob.glob(str(pictures / '**' / '*.png'), recursive=True)
     assert len(drawn) == 1 and Image.open(drawn[0]).size[1] >= 64
+
+
+def test_test_show_dir_for_detection(tmp_path):
+    """test.py --show-dir with a detector: mmdet's hook draws every test image, into the
+    folder named inside the run's timestamped folder of the work dir."""
+    from mmconvmlp.config_models import build_config_model
+    write_shapes_dataset(str(tmp_path / 'data'), num_train=1, num_val=2, image_size=64,
+                         seed=0, class_names=('person', 'bicycle', 'car'))
+    state = build_config_model(RETINANET).state_dict()
+    # detections of the data set's three classes (COCO's first), at scores near 0.5
+    bias = torch.full_like(state['bbox_head.retina_cls.bias'], -20.).view(-1, 80)
+    bias[:, :3] = 0
+    state['bbox_head.retina_cls.bias'] = bias.flatten()
+    torch.save(dict(state_dict=state), tmp_path / 'retinanet.pth')
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES='', OMP_NUM_THREADS='1',
+               PYTHONWARNINGS='ignore')
+    log = run_tool('test.py', [RETINANET, tmp_path / 'retinanet.pth', '--work-dir',
+                               tmp_path / 'work', '--show-dir', 'pictures', '--cfg-options',
+                               *small_options(RETINANET, '(128,128)')], tmp_path, env)
+    assert 'coco/bbox_mAP' in log
+    drawn = sorted(osp.basename(p) for p in glob.glob(str(tmp_path / 'work' / '*' /
+                                                           'pictures' / '*.jpg')))
+    assert drawn == ['000000000001.jpg', '000000000002.jpg']
 
 
 def test_syncbn_becomes_batchnorm_with_a_warning_in_cpu_processes(tmp_path):
