@@ -31,6 +31,7 @@ config's model exactly.
 """
 import argparse
 import copy
+import importlib
 import inspect
 import json
 import logging
@@ -39,7 +40,7 @@ import sys
 import warnings
 from contextlib import contextmanager
 from functools import partial
-from typing import Iterator, List, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
@@ -54,10 +55,8 @@ from benchmark import UsageError, build_model, load_model_config  # noqa: E402
 
 #: How close ONNX Runtime must come to PyTorch: this fraction of an output's largest value.
 TOLERANCE = 1e-4
-#: Detections count as equal when boxes differ by at most this many pixels and scores by
-#: at most this much.
-BOX_TOLERANCE_PX = 1e-2
-SCORE_TOLERANCE = 1e-4
+#: Detections count as equal when their labels are, their scores differ by at most
+#: :data:`TOLERANCE` and their boxes by at most :data:`TOLERANCE` of the image's longer side.
 
 
 class TensorMode(nn.Module):
@@ -78,26 +77,31 @@ def flatten(outputs) -> List[torch.Tensor]:
     return [tensor for item in outputs for tensor in flatten(item)]
 
 
-def output_groups(model: nn.Module, outputs) -> List[Tuple[str, int]]:
-    """``(name, number of tensors)`` of each group of the ``'tensor'`` outputs, in order:
-    a tensor counts 1, a list of per-level maps its length. Names are the arguments of the
-    head's ``predict_by_feat``. Refuses models whose tensor mode is not head outputs."""
+def check_exportable(model: nn.Module) -> None:
+    """Refuse models whose tensor mode is not the raw outputs of one head."""
     from mmdet.models.detectors import SingleStageDetector
     from mmseg.models.segmentors import EncoderDecoder
-    if isinstance(model, EncoderDecoder):
-        return [('seg_logits', 1)]
-    if not isinstance(model, SingleStageDetector):
+    if not isinstance(model, (SingleStageDetector, EncoderDecoder)):
         raise UsageError(
             f'{type(model).__name__}: only single-stage detectors (RetinaNet, FCOS, ...) '
             f'and encoder-decoder segmentors are exported. A two-stage detector\'s tensor '
             f'mode already runs its RPN post-processing (NMS over the proposals), which '
             f'this exporter does not put in the graph.')
+
+
+def output_groups(model: nn.Module, outputs) -> List[Tuple[str, int]]:
+    """``(name, number of tensors)`` of each group of the ``'tensor'`` outputs, in order:
+    ``seg_logits`` for a segmentor; for a detector the arguments of its head's
+    ``predict_by_feat`` with the number of levels of each."""
+    if isinstance(outputs, torch.Tensor):
+        return [('seg_logits', 1)]
     params = list(inspect.signature(model.bbox_head.predict_by_feat).parameters)
     return [(params[i], len(group)) for i, group in enumerate(outputs)]
 
 
 def output_names(groups: Sequence[Tuple[str, int]]) -> List[str]:
-    return [name if count == 1 and name == 'seg_logits' else f'{name}_{level}'
+    """One name per output: ``seg_logits``, or ``{group}_{level}`` for per-level maps."""
+    return [name if name == 'seg_logits' else f'{name}_{level}'
             for name, count in groups for level in range(count)]
 
 
@@ -161,17 +165,33 @@ def export(model: nn.Module, groups, shape: Tuple[int, int], opset: int, out: st
 
 
 def add_metadata(out: str, cfg, scope: str, groups) -> None:
-    """Store what post-processing needs in the ONNX model's ``metadata_props``."""
+    """Store what post-processing needs in the ONNX model's ``metadata_props``, each as
+    JSON: ``scope``, ``output_groups``, ``model`` (the model config), ``test_pipeline`` and
+    ``classes`` (the test data set's class names, where the config names a data set)."""
     import onnx
     from mmdet.utils import get_test_pipeline_cfg
     onnx_model = onnx.load(out)
     entries = dict(scope=scope, output_groups=groups, model=cfg.model.to_dict(),
-                   test_pipeline=get_test_pipeline_cfg(cfg).to_dict()
-                   if hasattr(get_test_pipeline_cfg(cfg), 'to_dict')
-                   else list(get_test_pipeline_cfg(cfg)))
+                   test_pipeline=[dict(step) for step in get_test_pipeline_cfg(cfg)],
+                   classes=class_names(cfg))
     for key, value in entries.items():
         onnx_model.metadata_props.add(key=key, value=json.dumps(value, default=str))
     onnx.save(onnx_model, out)
+
+
+def class_names(cfg) -> List[str]:
+    """The class names of the config's test data set: its ``metainfo``, else its type's."""
+    from mmengine.registry import DefaultScope
+    dataset = cfg.get('test_dataloader', {}).get('dataset', {})
+    while 'dataset' in dataset:  # dataset wrappers
+        dataset = dataset['dataset']
+    classes = (dataset.get('metainfo') or {}).get('classes')
+    if classes is None and 'type' in dataset:
+        with DefaultScope.overwrite_default_scope(cfg.default_scope):
+            registry = importlib.import_module(f'{cfg.default_scope}.registry')
+            dataset_class = registry.DATASETS.get(dataset['type'])
+        classes = getattr(dataset_class, 'METAINFO', {}).get('classes')
+    return list(classes or [])
 
 
 def onnx_session(out: str):
@@ -244,7 +264,8 @@ def verify_detections(model: nn.Module, session, groups, scope: str, cfg,
             results = model.bbox_head.predict_by_feat(*grouped, batch_img_metas=metas,
                                                       rescale=True)
             actual = model.add_pred_to_datasample(copy.deepcopy(samples), results)[0]
-            return compare_detections(expected.pred_instances, actual.pred_instances)
+            return compare_detections(expected.pred_instances, actual.pred_instances,
+                                      max(metas[0]['ori_shape']))
         if model.test_cfg.get('mode', 'whole') != 'whole':
             raise UsageError('--verify-detections covers segmentors tested in whole mode '
                              '(test_cfg.mode="whole"), not sliding windows.')
@@ -253,7 +274,25 @@ def verify_detections(model: nn.Module, session, groups, scope: str, cfg,
     return compare_label_maps(expected, actual)
 
 
-def compare_detections(expected, actual) -> bool:
+def pair_detections(expected, actual, box_tolerance: float) -> Optional[List[int]]:
+    """For each detection of ``expected`` (boxes, scores, labels), the index of one of
+    ``actual`` with the same label, a score within :data:`TOLERANCE` and a box within
+    ``box_tolerance``, each used once; None where one has no such counterpart. Scores that
+    differ by rounding may rank near-ties the other way round, hence no order."""
+    boxes, scores, labels = (torch.as_tensor(values) for values in actual)
+    free = torch.ones(len(boxes), dtype=torch.bool)
+    pairs = []
+    for box, score, label in zip(*(torch.as_tensor(values) for values in expected)):
+        close = free & (labels == label) & ((scores - score).abs() <= TOLERANCE) & \
+            ((boxes - box).abs().amax(dim=1) <= box_tolerance)
+        if not close.any():
+            return None
+        pairs.append(int(close.nonzero()[0]))
+        free[pairs[-1]] = False
+    return pairs
+
+
+def compare_detections(expected, actual, image_side: int) -> bool:
     print(f'Detections: PyTorch {len(expected)}, ONNX Runtime {len(actual)}', end='')
     if len(expected) != len(actual):
         print(': different numbers')
@@ -261,14 +300,17 @@ def compare_detections(expected, actual) -> bool:
     if len(expected) == 0:
         print(': none to compare (random weights may score nothing above the threshold)')
         return True
-    labels_equal = torch.equal(expected.labels, actual.labels)
-    box_diff = (expected.bboxes - actual.bboxes).abs().max().item()
-    score_diff = (expected.scores - actual.scores).abs().max().item()
-    equal = labels_equal and box_diff <= BOX_TOLERANCE_PX and score_diff <= SCORE_TOLERANCE
-    print(f'; labels {"equal" if labels_equal else "differ"}, largest box difference '
-          f'{box_diff:.2e} px, largest score difference {score_diff:.2e}: '
-          f'{"equal" if equal else "NOT equal"}')
-    return equal
+    pairs = pair_detections((expected.bboxes, expected.scores, expected.labels),
+                            (actual.bboxes, actual.scores, actual.labels),
+                            TOLERANCE * image_side)
+    if pairs is None:
+        print(': NOT equal, a detection has no counterpart of the same label, score and box')
+        return False
+    box_diff = (expected.bboxes - actual.bboxes[pairs]).abs().max().item()
+    score_diff = (expected.scores - actual.scores[pairs]).abs().max().item()
+    print(f'; each has a counterpart of the same label, largest box difference '
+          f'{box_diff:.2e} px, largest score difference {score_diff:.2e}: equal')
+    return True
 
 
 def compare_label_maps(expected, actual) -> bool:
@@ -304,6 +346,7 @@ def main(argv=None) -> None:
         from mmengine.registry import DefaultScope
         cfg, scope = load_model_config(args.config)
         model = build_model(cfg, torch.device('cpu'))
+        check_exportable(model)
         load_weights(model, args.checkpoint)
         with torch.no_grad():
             sample_outputs = model._forward(torch.zeros(1, 3, 64, 64))
