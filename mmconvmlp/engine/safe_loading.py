@@ -4,9 +4,10 @@ mmconvmlp.
 Since torch 2.6 ``torch.load`` defaults to ``weights_only=True``, which refuses the
 mmengine objects inside mmengine's own checkpoints (the message hub's ``HistoryBuffer``\\ s
 and numpy values), so resuming, ``load_from``, testing, the Inferencers and ``init_cfg``
-Pretrained all fail on them. Importing this module (``import mmconvmlp``, which a config's
-``custom_imports`` does) adds exactly those types to what safe loading allows, for the
-whole process; safe loading stays on. It also makes mmengine's checkpoint loaders
+Pretrained all fail on them. Importing mmconvmlp (which a config's ``custom_imports`` does)
+calls :func:`allow_mmengine_checkpoints`, which adds exactly those types to what safe
+loading allows, for the whole process; safe loading stays on. It also makes mmengine's
+checkpoint loaders
 (``CheckpointLoader``: local files, URLs, ``open-mmlab://`` ...) answer a file that safe
 loading refuses with :class:`CheckpointRefusedError`, a message that says the file would
 run code and names what it asks for, and an empty, truncated or non-checkpoint file with
@@ -33,6 +34,7 @@ class CheckpointRefusedError(ReadableError, pickle.UnpicklingError):
 
 class CheckpointUnreadableError(ReadableError, RuntimeError):
     """A file given as a checkpoint that is empty, truncated, damaged or no checkpoint."""
+
 
 #: Parts of torch's safe-loading messages that mean the file asks for something to be
 #: imported or called (rather than being no pickle at all).
