@@ -7,11 +7,11 @@ and numpy values), so resuming, ``load_from``, testing, the Inferencers and ``in
 Pretrained all fail on them. Importing mmconvmlp (which a config's ``custom_imports`` does)
 calls :func:`allow_mmengine_checkpoints`, which adds exactly those types to what safe
 loading allows, for the whole process; safe loading stays on. It also makes mmengine's
-checkpoint loaders
-(``CheckpointLoader``: local files, URLs, ``open-mmlab://`` ...) answer a file that safe
-loading refuses with :class:`CheckpointRefusedError`, a message that says the file would
-run code and names what it asks for, and an empty, truncated or non-checkpoint file with
-:class:`CheckpointUnreadableError`, a message that names the file and what is wrong with it.
+checkpoint loaders (``CheckpointLoader``: local files, URLs, ``open-mmlab://`` ...) answer
+a file that safe loading refuses with :class:`CheckpointRefusedError`, a message that says
+the file would run code and names what it asks for, and an empty, truncated or
+non-checkpoint file with :class:`CheckpointUnreadableError`, a message that names the file
+and what is wrong with it.
 """
 import functools
 import os.path as osp
