@@ -22,8 +22,10 @@ Each config gets one untimed run, then ``--repeats`` timed ones. A row gives the
 latency per batch with the fastest and slowest run, ``img/s`` (batch / median latency) and
 the peak memory: on the CPU the process's peak resident set size during that config's runs
 (model, inputs and Python included), on CUDA ``torch.cuda.max_memory_allocated``.
-``--amp``: float16 autocast on CUDA; on the CPU bfloat16 autocast where this CPU runs it fast
-(:func:`mmconvmlp.engine.precision.cpu_bfloat16_speed`), else float32, as the header says.
+``--amp``: float16 autocast on CUDA; on the CPU bfloat16 autocast of the backbone and neck
+where this CPU runs it fast (:func:`mmconvmlp.engine.precision.cpu_bfloat16_speed`), else
+float32, as the header says (the heads stay float32 there: mmcv's CPU ops have no bfloat16
+kernels).
 """
 import argparse
 import gc
@@ -58,6 +60,10 @@ class UsageError(Exception):
     """A problem with the command line or a config, told in one line."""
 
 
+class InferenceError(UsageError):
+    """A model that fails to run; the other configs are still timed."""
+
+
 def resolve_config(name: str) -> str:
     """The file of ``name``: a path, or ``package::relative/path.py`` inside an installed
     OpenMMLab package (its ``.mim/configs`` folder, as ``_base_`` resolves it)."""
@@ -66,7 +72,7 @@ def resolve_config(name: str) -> str:
         spec = importlib.util.find_spec(package) if package.isidentifier() else None
         if spec is None or spec.origin is None:
             raise UsageError(f'{name}: no installed package {package!r} to take the '
-                                 f'config from (write e.g. mmdet::retinanet/FILE.py).')
+                             f'config from (write e.g. mmdet::retinanet/FILE.py).')
         path = osp.join(osp.dirname(spec.origin), '.mim', 'configs', relative)
     else:
         path = name
@@ -186,10 +192,24 @@ def choose_precision(device: torch.device, amp: bool) -> Tuple[Optional[torch.dt
     from mmconvmlp.engine.precision import cpu_bfloat16_speed
     ratio = cpu_bfloat16_speed()
     if ratio < 1:
-        return torch.bfloat16, (f'bfloat16 autocast (--amp; a bfloat16 probe ran '
-                                f'{1 / ratio:.1f}x as fast as float32 here)')
+        return torch.bfloat16, (f'bfloat16 autocast in backbone and neck, float32 heads '
+                                f'(--amp; a bfloat16 probe ran {1 / ratio:.1f}x as fast as '
+                                f'float32 here; mmcv\'s CPU ops have no bfloat16 kernels)')
     return None, (f'float32: --amp asked for bfloat16, but a bfloat16 probe ran {ratio:.0f}x '
                   f'slower than float32 on this CPU (no bfloat16 units), so it stays float32')
+
+
+def autocast_features(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Run ``model.extract_feat`` (backbone and neck) under CPU autocast to ``dtype`` and
+    hand its maps on in float32: the heads' mmcv ops (NMS, RoIAlign) have no bfloat16 CPU
+    kernels."""
+    extract_feat = model.extract_feat
+
+    def extract_feat_autocast(inputs: torch.Tensor):
+        with torch.autocast('cpu', dtype=dtype):
+            return tuple(feature.float() for feature in extract_feat(inputs))
+
+    model.extract_feat = extract_feat_autocast
 
 
 def time_runs(run: Callable[[], object], repeats: int, sync: Callable[[], None]) -> List[float]:
@@ -212,8 +232,11 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
     from mmengine.registry import DefaultScope
     model = build_model(cfg, device)
     data = synthetic_batch(scope, batch, *shape)
-    autocast = (torch.autocast(device.type, dtype=dtype) if dtype is not None
-                else nullcontext())
+    autocast = nullcontext()
+    if dtype == torch.bfloat16:
+        autocast_features(model, dtype)
+    elif dtype is not None:
+        autocast = torch.autocast(device.type, dtype=dtype)
     sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
 
     def run():
@@ -225,7 +248,7 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
         times = time_runs(run, repeats, sync)
     except Exception as error:  # any failure inside the model, told in one line
         message = str(error).strip().splitlines()[0] if str(error).strip() else ''
-        raise UsageError(f'{name}: inference on {batch}x3x{shape[0]}x{shape[1]} failed: '
+        raise InferenceError(f'{name}: inference on {batch}x3x{shape[0]}x{shape[1]} failed: '
                              f'{type(error).__name__}: {message}') from error
     peak = memory.peak_mb()
     del model, data
@@ -269,10 +292,10 @@ def check_args(args) -> None:
     height, width = args.shape
     if height < MIN_SIDE or width < MIN_SIDE:
         raise UsageError(f'--shape {height} {width}: height and width must be at least '
-                             f'{MIN_SIDE} pixels.')
+                         f'{MIN_SIDE} pixels.')
     if args.batch < 1 or args.repeats < 1:
         raise UsageError(f'--batch {args.batch} --repeats {args.repeats}: both must be at '
-                             f'least 1.')
+                         f'least 1.')
 
 
 def parse_args(argv=None):
@@ -310,12 +333,20 @@ def main(argv=None) -> None:
               f'torch {torch.__version__}\n')
         print(f'| config | img/s | latency ms, median (min-max) | {memory.kind} MB |')
         print('|---|---|---|---|')
+        failures = []
         for name, cfg, scope in configs:
-            row = benchmark(name, cfg, scope, device, (height, width), args.batch,
-                            args.repeats, dtype, memory)
+            try:
+                row = benchmark(name, cfg, scope, device, (height, width), args.batch,
+                                args.repeats, dtype, memory)
+            except InferenceError as error:
+                failures.append(str(error))
+                print(f'| {osp.basename(name)} | failed, see below | - | - |', flush=True)
+                continue
             print(f'| {row["config"]} | {row["img_per_s"]:.2f} | {row["median_ms"]:.0f} '
                   f'({row["min_ms"]:.0f}-{row["max_ms"]:.0f}) | {row["memory_mb"]:.0f} |',
                   flush=True)
+        if failures:
+            raise UsageError(' / '.join(failures))
     except UsageError as error:
         sys.exit(f'benchmark.py: error: {error}')
 
