@@ -1,15 +1,17 @@
 """The ConvMLP backbone: architecture, taps, options, checkpoints and errors."""
+import io
 import math
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
 
 from mmconvmlp.models import ARCH_SETTINGS, CheckpointMismatchError, ConvMLP
-from mmconvmlp.models import convmlp, row_bands
+from mmconvmlp.models import convmlp, layouts, row_bands
 from mmconvmlp.models.convmlp import ConvMLPBlock, channels_first
 from mmconvmlp.testing import ReferenceConvMLP
 
@@ -376,13 +378,14 @@ def test_custom_arch_dict():
         ConvMLP(arch=dict(arch, blocks=(1, 1)))
 
 
-@pytest.mark.parametrize('out_indices', [4, (0, 5), (), (2, 1), (1, 1), ('a',), -5])
+@pytest.mark.parametrize('out_indices', [4, (0, 5), (), (2, 1), (1, 1), ('a',), -5, True,
+                                         (0, True)])
 def test_bad_out_indices_name_the_valid_ones(out_indices):
     with pytest.raises(ValueError, match=r'out_indices=.*give indices of the 4 feature maps'):
         ConvMLP(out_indices=out_indices)
 
 
-@pytest.mark.parametrize('frozen_stages', [-2, 5, 1.5])
+@pytest.mark.parametrize('frozen_stages', [-2, 5, 1.5, True, False])
 def test_bad_frozen_stages(frozen_stages):
     with pytest.raises(ValueError, match='frozen_stages'):
         ConvMLP(frozen_stages=frozen_stages)
@@ -424,3 +427,248 @@ def test_custom_imports_is_all_a_config_needs(tmp_path):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert 'ConvMLP (128, 256, 512)' in result.stdout
+
+
+@pytest.mark.parametrize('change', [
+    dict(blocks=(0, 1, 1)), dict(blocks=(1, -1, 1)), dict(widths=(32, 0, 64)),
+    dict(widths=(32, 48.5, 64)), dict(mlp_ratios=(1, 0, 1)), dict(mlp_ratios=(1, 0.01, 1)),
+    dict(stem_width=0), dict(conv_blocks=0), dict(conv_blocks=True)])
+def test_custom_arch_values_out_of_range_name_the_valid_range(change):
+    arch = dict(blocks=(1, 1, 1), widths=(32, 48, 64), mlp_ratios=(1, 2, 1), stem_width=16,
+                conv_blocks=1)
+    with pytest.raises(ValueError, match=rf"Custom ConvMLP arch: invalid {next(iter(change))}="
+                                         r".*(>= 1|> 0|>= 2)"):
+        ConvMLP(arch=dict(arch, **change))
+
+
+@pytest.mark.parametrize('rate', [1.0, 1.5, -0.1, float('nan'), True, '0.1'])
+def test_drop_path_rate_outside_zero_one_is_refused(rate):
+    with pytest.raises(ValueError, match=r'drop_path_rate=.* give a stochastic-depth rate in '
+                                         r'\[0, 1\)'):
+        ConvMLP(drop_path_rate=rate)
+
+
+def test_drop_path_rate_just_below_one_trains_to_finite_values():
+    model = ConvMLP(arch='s', out_indices=(3,), drop_path_rate=0.99).train()
+    assert torch.isfinite(model(torch.randn(4, 3, 32, 32))[0]).all()
+
+
+def tokenizer_row_bytes(x: torch.Tensor) -> int:
+    """Bytes of one output row of the tokenizer in :func:`row_bands.run_in_bands`."""
+    return x.shape[0] * 64 * tap_size(x.shape[3], 4) * x.element_size()
+
+
+@pytest.mark.parametrize('rows_per_band', [16, 8, 5, 1])  # 1, 2, 4 (ragged), 16 bands
+def test_bands_return_what_whole_maps_return_under_autocast(monkeypatch, rows_per_band):
+    model = ConvMLP(arch='s', out_indices=(0, 1)).eval()
+    randomize_batchnorm(model)
+    x = torch.randn(1, 3, 64, 72)  # tokenizer output: 16 rows
+    monkeypatch.setattr(row_bands, 'BAND_BYTES', rows_per_band * tokenizer_row_bytes(x))
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        with monkeypatch.context() as whole_maps:
+            whole_maps.setattr(convmlp, 'may_run_in_bands', lambda module, x: False)
+            expected = model(x)
+        outs = model(x)
+    for out, exp in zip(outs, expected):
+        assert out.dtype == exp.dtype == torch.bfloat16
+        assert out.shape == exp.shape
+        assert relative_error(out.float(), exp.float()) < 2e-2
+
+
+def write_reference_checkpoint(path, drop: str = '') -> ReferenceConvMLP:
+    reference = ReferenceConvMLP('s')
+    randomize_batchnorm(reference)
+    state = reference.state_dict()
+    state.pop(drop, None)
+    torch.save(state, path)
+    return reference
+
+
+def test_init_cfg_list_with_pretrained_loads_strictly(tmp_path):
+    path = tmp_path / 'broken.pth'
+    write_reference_checkpoint(path, drop='stages.1.blocks.0.norm1.bias')
+    model = ConvMLP(init_cfg=[dict(type='Constant', layer='LayerNorm', val=2., bias=0.),
+                              dict(type='Pretrained', checkpoint=str(path))])
+    with pytest.raises(CheckpointMismatchError, match=r'stages\.1\.blocks\.0\.norm1\.bias'):
+        model.init_weights()
+
+
+def test_init_cfg_list_applies_other_entries_then_the_checkpoint(tmp_path):
+    path = tmp_path / 'convmlp_s.pth'
+    reference = write_reference_checkpoint(path)
+    model = ConvMLP(init_cfg=[dict(type='Pretrained', checkpoint=str(path)),
+                              dict(type='Constant', layer='LayerNorm', val=2., bias=0.)])
+    model.init_weights()
+    for name, tensor in reference.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor), name
+    assert model.init_cfg[1]['type'] == 'Constant'  # the config is left as given
+    with pytest.raises(ValueError, match='2 Pretrained entries'):
+        ConvMLP(init_cfg=[dict(type='Pretrained', checkpoint=str(path))] * 2).init_weights()
+
+
+def test_init_cfg_list_without_pretrained_goes_through_mmengine():
+    model = ConvMLP(init_cfg=[dict(type='Constant', layer='LayerNorm', val=2., bias=0.)])
+    model.init_weights()
+    assert torch.equal(model.stages[0].blocks[0].norm1.weight, torch.full((128,), 2.))
+
+
+def test_channels_first_under_tracing_follows_the_batch_size():
+    model = ConvMLP(arch='s', out_indices=(0, 1)).eval()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # deprecation, and tracing's own notes
+        traced = torch.jit.trace(model, torch.randn(2, 3, 32, 32))
+        saved = io.BytesIO()
+        torch.jit.save(traced, saved)  # no Python calls left in the graph
+        saved.seek(0)
+        loaded = torch.jit.load(saved)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        for out, exp in zip(loaded(x), model(x)):
+            assert out.shape == exp.shape and torch.allclose(out, exp, atol=1e-5)
+
+
+def test_channels_first_off_the_cpu_is_one_copy(monkeypatch):
+    def per_image_copy(*args, **kwargs):
+        raise AssertionError('per-image copies are for the CPU only')
+    monkeypatch.setattr(convmlp, 'transpose_images', per_image_copy)
+    x = torch.empty(4, 8, 5, 6, device='meta', memory_format=torch.channels_last)
+    out = channels_first(x)
+    assert out.shape == x.shape and out.is_contiguous()
+    if torch.cuda.is_available():
+        x = torch.randn(4, 8, 5, 6, device='cuda').contiguous(memory_format=torch.channels_last)
+        assert torch.equal(channels_first(x), x.contiguous())
+
+
+def copy_weights(source: nn.Module, target: nn.Module) -> nn.Module:
+    target.load_state_dict(source.state_dict())
+    return target
+
+
+@pytest.mark.parametrize('mode', ['train', 'eval'])
+def test_syncbn_runs_on_channels_last_maps_like_bn(mode):
+    """Without a process group (one process) SyncBN normalises like BN, in training with
+    batch statistics and in eval mode folded into the convolutions."""
+    bn = ConvMLP(arch='s', out_indices=(0, 1), drop_path_rate=0.)
+    randomize_batchnorm(bn)
+    sync = copy_weights(bn, ConvMLP(arch='s', out_indices=(0, 1), drop_path_rate=0.,
+                                    norm_cfg=dict(type='SyncBN')))
+    x = torch.randn(2, 3, 48, 40)
+    for model in (bn, sync):
+        model.train(mode == 'train')
+    outs, expected = sync(x), bn(x)
+    for out, exp in zip(outs, expected):
+        assert relative_error(out, exp) < 1e-6
+    if mode == 'train':
+        sum(o.sum() for o in outs).backward()
+        sum(o.sum() for o in expected).backward()
+        for (name, p), q in zip(sync.named_parameters(), bn.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            assert p.grad is None or relative_error(p.grad, q.grad) < 1e-5, name
+        assert torch.allclose(sync.tokenizer.block[1].running_mean,
+                              bn.tokenizer.block[1].running_mean)
+
+
+def reference_in_mode(model: ConvMLP, frozen_stages: int) -> ReferenceConvMLP:
+    """The plain model with ``model``'s weights, training, with every BatchNorm in eval mode
+    (as ``norm_eval``) and the parts up to ``frozen_stages`` frozen."""
+    reference = copy_weights(model, ReferenceConvMLP('s', drop_path_rate=0.)).train()
+    for module in reference.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            module.eval()
+    frozen = [reference.tokenizer, reference.conv_stages, *reference.stages]
+    for part in frozen[:frozen_stages + 1]:
+        part.requires_grad_(False)
+    return reference
+
+
+def assert_outputs_and_gradients_match(model: nn.Module, reference: nn.Module,
+                                       x: torch.Tensor, tolerance: float = 1e-5) -> None:
+    outs, refs = model(x), reference(x)
+    for out, ref in zip(outs, refs):
+        assert relative_error(out, ref) < tolerance
+    cotangents = [torch.randn_like(o) for o in outs]
+    sum((o * g).sum() for o, g in zip(outs, cotangents)).backward()
+    sum((r * g).sum() for r, g in zip(refs, cotangents)).backward()
+    ref_params = dict(reference.named_parameters())
+    for name, param in model.named_parameters():
+        ref_grad = ref_params[name].grad
+        assert (param.grad is None) == (ref_grad is None), name
+        if param.grad is not None:
+            assert relative_error(param.grad, ref_grad) < tolerance, name
+
+
+@pytest.mark.parametrize('frozen_stages', [-1, 0, 1])
+def test_gradients_through_folded_batchnorm_match_the_unfolded_ones(frozen_stages):
+    model = ConvMLP(arch='s', norm_eval=True, frozen_stages=frozen_stages, drop_path_rate=0.)
+    randomize_batchnorm(model)
+    model.train()
+    reference = reference_in_mode(model, frozen_stages)
+    assert_outputs_and_gradients_match(model, reference, torch.randn(2, 3, 64, 48))
+
+
+def count_channels_first_weight_grads(monkeypatch) -> list:
+    calls = []
+    apply = layouts._ChannelsFirstWeightGrad.apply
+
+    def counted(*args):
+        calls.append(args[0].shape)
+        return apply(*args)
+    monkeypatch.setattr(layouts._ChannelsFirstWeightGrad, 'apply', counted)
+    return calls
+
+
+@pytest.mark.parametrize('weight_grad_layout', ['channels_last', 'channels_first'])
+@pytest.mark.parametrize('norm_eval', [False, True])
+def test_both_weight_gradient_routes_match_the_plain_reference(monkeypatch, weight_grad_layout,
+                                                               norm_eval):
+    """Each kind of CPU simulated: AVX-512 (weight gradients in channels-last memory) and
+    AVX2 (from channels-first copies; here on every dense conv, not just large maps)."""
+    monkeypatch.setattr(layouts, '_forced', weight_grad_layout)
+    monkeypatch.setattr(layouts, 'MIN_PIXELS', 1)
+    monkeypatch.setattr(layouts, 'MIN_WORK', 1)
+    calls = count_channels_first_weight_grads(monkeypatch)
+    model = ConvMLP(arch='s', norm_eval=norm_eval, drop_path_rate=0.).train()
+    randomize_batchnorm(model)
+    reference = copy_weights(model, ReferenceConvMLP('s', drop_path_rate=0.)).train()
+    if norm_eval:
+        reference = reference_in_mode(model, -1)
+    assert_outputs_and_gradients_match(model, reference, torch.randn(2, 3, 64, 48))
+    # tokenizer 3, conv stage 2 + 1, MLP stage downsamplings 2: every 3x3 dense conv
+    assert len(calls) == (8 if weight_grad_layout == 'channels_first' else 0)
+
+
+def test_channels_first_route_only_on_large_maps(monkeypatch):
+    monkeypatch.setattr(layouts, '_forced', 'channels_first')
+    conv = nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+
+    def takes(shape, **kwargs) -> bool:
+        x = torch.randn(shape, **kwargs).contiguous(memory_format=torch.channels_last)
+        return layouts.takes_channels_first_weight_grad(conv, x, conv.weight)
+    assert takes((1, 64, 128, 128))
+    assert not takes((1, 64, 48, 48))  # the copies would cost more than they save
+    assert not takes((1, 64, 128, 128), dtype=torch.bfloat16)
+    with torch.no_grad():
+        assert not takes((1, 64, 128, 128))
+    monkeypatch.setattr(layouts, '_forced', 'channels_last')
+    assert not takes((1, 64, 128, 128))
+
+
+@pytest.mark.parametrize('times,slow', [((3.0, 1.0), True), ((1.2, 1.0), False),
+                                         ((0.7, 1.0), False)])
+def test_weight_grad_layout_follows_the_probe(monkeypatch, times, slow):
+    monkeypatch.setattr(layouts, 'weight_grad_probe', lambda: times)
+    layouts.channels_last_weight_grad_is_slow.cache_clear()
+    try:
+        assert layouts.weight_grad_layout() == ('channels_first' if slow else 'channels_last')
+    finally:
+        layouts.channels_last_weight_grad_is_slow.cache_clear()
+
+
+def test_set_weight_grad_layout_checks_its_argument(monkeypatch):
+    monkeypatch.setattr(layouts, '_forced', None)
+    layouts.set_weight_grad_layout('channels_first')
+    assert layouts.weight_grad_layout() == 'channels_first'
+    layouts.set_weight_grad_layout('auto')
+    assert layouts._forced is None
+    with pytest.raises(ValueError, match='channels_first'):
+        layouts.set_weight_grad_layout('nhwc')

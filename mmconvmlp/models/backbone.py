@@ -4,7 +4,7 @@ from typing import Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from mmcv.cnn import build_norm_layer
-from mmengine.model import BaseModule
+from mmengine.model import BaseModule, PretrainedInit
 from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -18,8 +18,8 @@ def normalize_out_indices(out_indices: Union[int, Sequence[int]]) -> Tuple[int, 
     indices = (out_indices,) if isinstance(out_indices, int) else tuple(out_indices)
     valid = f'indices of the {NUM_TAPS} feature maps (0 stride 4, 1 stride 8, 2 stride 16, ' \
             f'3 stride 32; negative counts from the end), increasing'
-    if not indices or not all(isinstance(i, int) and -NUM_TAPS <= i < NUM_TAPS
-                              for i in indices):
+    if not indices or not all(isinstance(i, int) and not isinstance(i, bool)
+                              and -NUM_TAPS <= i < NUM_TAPS for i in indices):
         raise ValueError(f'ConvMLP out_indices={out_indices!r} is invalid: give {valid}.')
     normalized = tuple(i % NUM_TAPS for i in indices)
     if any(a >= b for a, b in zip(normalized, normalized[1:])):
@@ -63,7 +63,8 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
                  drop_path_rate: float = 0.1,
                  with_cp: bool = False,
                  init_cfg: Optional[Union[Mapping, Sequence[Mapping]]] = None):
-        if not (isinstance(frozen_stages, int) and -1 <= frozen_stages < NUM_PARTS):
+        if not (isinstance(frozen_stages, int) and not isinstance(frozen_stages, bool)
+                and -1 <= frozen_stages < NUM_PARTS):
             raise ValueError(f'ConvMLP frozen_stages={frozen_stages!r} is invalid: give -1 '
                              f'(nothing frozen) up to {NUM_PARTS - 1} (0 tokenizer, 1 conv '
                              f'stage, 2-4 MLP stages).')
@@ -103,13 +104,33 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
         return self
 
     def init_weights(self) -> None:
-        """Load ``init_cfg=dict(type='Pretrained', ...)`` strictly (see the class docs);
-        other ``init_cfg`` types go through mmengine as usual."""
-        if not (isinstance(self.init_cfg, Mapping) and self.init_cfg.get('type') == 'Pretrained'):
-            super().init_weights()
+        """Load a ``Pretrained`` ``init_cfg`` (alone or in a list) strictly, see the class
+        docs; the other ``init_cfg`` entries go through mmengine first, as usual."""
+        pretrained, others = split_pretrained(self.init_cfg)
+        if pretrained is None or others:
+            full_cfg, self.init_cfg = self.init_cfg, others or None
+            try:
+                super().init_weights()
+            finally:
+                self.init_cfg = full_cfg
+        if pretrained is None:
             return
-        source = self.init_cfg['checkpoint']
+        source = pretrained['checkpoint']
         checkpoint = CheckpointLoader.load_checkpoint(source, map_location='cpu')
-        state_dict = select_prefix(unwrap_state_dict(checkpoint), self.init_cfg.get('prefix', ''))
+        state_dict = select_prefix(unwrap_state_dict(checkpoint), pretrained.get('prefix', ''))
         load_convmlp_weights(self, state_dict, source=f'checkpoint {source}')
         self._is_init = True
+
+
+def split_pretrained(init_cfg: Optional[Union[Mapping, Sequence[Mapping]]]
+                     ) -> Tuple[Optional[Mapping], list]:
+    """The ``Pretrained`` entry of ``init_cfg`` (a dict or a list of dicts), or None, and the
+    other entries. More than one ``Pretrained`` entry raises ``ValueError``."""
+    if not init_cfg:
+        return None, []
+    cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg)
+    pretrained = [cfg for cfg in cfgs if cfg.get('type') in ('Pretrained', PretrainedInit)]
+    if len(pretrained) > 1:
+        raise ValueError(f'ConvMLP init_cfg holds {len(pretrained)} Pretrained entries: give '
+                         f'one checkpoint to load.')
+    return (pretrained[0] if pretrained else None), [cfg for cfg in cfgs if cfg not in pretrained]

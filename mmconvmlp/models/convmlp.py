@@ -24,9 +24,9 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, 
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .layouts import conv2d, transpose_images
 from .row_bands import (ChainRows, ConvRows, MaxPoolRows, ResidualRows, RowOp, run_in_bands,
                         run_pixels_in_bands)
 
@@ -66,10 +66,44 @@ def resolve_arch(arch: Union[str, Mapping]) -> Dict:
         raise ValueError(f'Custom ConvMLP arch {dict(arch)}: missing keys {missing}, unknown '
                          f'keys {unknown}; it needs exactly {list(ARCH_KEYS)}.')
     for key in ('blocks', 'widths', 'mlp_ratios'):
-        if len(arch[key]) != 3:
+        if not isinstance(arch[key], (list, tuple)) or len(arch[key]) != 3:
             raise ValueError(f'Custom ConvMLP arch: {key!r} needs one value per MLP stage '
                              f'(3 values), got {arch[key]!r}.')
-    return {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
+    settings = {k: (tuple(v) if isinstance(v, (list, tuple)) else v) for k, v in arch.items()}
+    check_arch_values(settings)
+    return settings
+
+
+def check_arch_values(settings: Mapping) -> None:
+    """Raise ``ValueError`` naming the valid range where a custom arch holds a count or
+    width below 1, a non-positive MLP ratio, or a ratio that leaves a hidden width of 0."""
+    def is_int(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    problems = [f'{key}={settings[key]!r} (give integers >= {low})'
+                for key, low in (('blocks', 1), ('widths', 1)) if not all(
+                    is_int(v) and v >= low for v in settings[key])]
+    problems += [f'{key}={settings[key]!r} (give an integer >= {low})'
+                 for key, low in (('stem_width', 2), ('conv_blocks', 1))
+                 if not (is_int(settings[key]) and settings[key] >= low)]
+    ratios = settings['mlp_ratios']
+    if not all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0
+               for r in ratios):
+        problems.append(f'mlp_ratios={ratios!r} (give numbers > 0)')
+    elif not problems and any(int(w * r) < 1 for w, r in zip(settings['widths'], ratios)):
+        problems.append(f'mlp_ratios={ratios!r} with widths={settings["widths"]!r} (each '
+                        f'hidden width int(width * ratio) must be >= 1)')
+    if problems:
+        raise ValueError(f'Custom ConvMLP arch: invalid {"; ".join(problems)}.')
+
+
+def check_drop_path_rate(drop_path_rate: float) -> None:
+    """Raise ``ValueError`` unless ``drop_path_rate`` is a number in [0, 1): at 1 every
+    branch would be dropped and the kept ones scaled by 1 / 0."""
+    if isinstance(drop_path_rate, bool) or not isinstance(drop_path_rate, (int, float)) \
+            or not 0 <= drop_path_rate < 1:
+        raise ValueError(f'ConvMLP drop_path_rate={drop_path_rate!r} is invalid: give a '
+                         f'stochastic-depth rate in [0, 1), e.g. 0.1 (the authors\' value).')
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, stride: int,
@@ -101,7 +135,7 @@ class ConvNormReLUStack(nn.Sequential):
             if uses_running_stats(norm):
                 x = conv_with(conv, x, *fold_batchnorm(conv, norm))
             else:
-                x = norm(conv(x))
+                x = norm(conv_with(conv, x, conv.weight, conv.bias))
             if pool is not None and i == len(triples) - 1:
                 x = pool(x)
             x = act(x)
@@ -144,8 +178,9 @@ def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm
 
 def conv_with(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
               bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``conv``'s geometry with the given weight and bias."""
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    """``conv``'s geometry with the given weight and bias (for a channels-last-memory map:
+    see :func:`.layouts.conv2d`)."""
+    return conv2d(conv, x, weight, bias)
 
 
 class Tokenizer(nn.Module):
@@ -189,7 +224,7 @@ class ConvStage(nn.Module):
             return run_in_bands(op, x)
         for block in self.conv_blocks:
             x = add_residual(x, run_block(block, x, self.with_cp and self.training))
-        return self.downsample(x)
+        return conv_with(self.downsample, x, self.downsample.weight, self.downsample.bias)
 
     def row_op(self) -> Optional[ChainRows]:
         blocks = [block.row_op() for block in self.conv_blocks]
@@ -316,16 +351,21 @@ def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
 def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """Apply ``conv`` to a (B, H, W, C) tensor and return (B, H', W', C'); the permutes are
     views, so contiguous channels-last memory goes in and comes out without a copy."""
-    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    return conv_with(conv, x.permute(0, 3, 1, 2), conv.weight, conv.bias).permute(0, 2, 3, 1)
 
 
 def channels_first(x: torch.Tensor) -> torch.Tensor:
     """Contiguous (B, C, H, W) copy of a channels-last-memory (B, C, H, W) map, what
-    ``x.contiguous()`` gives. It copies each image as one 2-D (H*W, C) -> (C, H*W) transpose,
-    which PyTorch's CPU copy does in cache-sized tiles, 2-3x faster than the general strided
-    copy behind ``contiguous()``; the backward pass turns the gradient back the same way."""
+    ``x.contiguous()`` gives. On the CPU it copies each image as one 2-D (H*W, C) ->
+    (C, H*W) transpose, which PyTorch's CPU copy does in cache-sized tiles, 2-3x faster than
+    the general strided copy behind ``contiguous()``; the backward pass turns the gradient
+    back the same way. Elsewhere (a GPU: one kernel instead of one per image) and in a graph
+    being traced or compiled (a loop over the batch would fix its size) it is one
+    ``contiguous()``."""
     if x.is_contiguous():
         return x
+    if x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return x.contiguous()
     return _ChannelsFirst.apply(x)
 
 
@@ -340,21 +380,6 @@ class _ChannelsFirst(torch.autograd.Function):
         if not grad.is_contiguous():  # e.g. the expanded gradient of a mean
             return grad.contiguous(memory_format=torch.channels_last)
         return transpose_images(grad, to_channels_last=True)
-
-
-def transpose_images(x: torch.Tensor, to_channels_last: bool) -> torch.Tensor:
-    """(B, C, H, W) from channels-last to contiguous memory or back, per image as a 2-D
-    transpose of the (C, H*W) and (H*W, C) matrices."""
-    b, c, h, w = x.shape
-    if to_channels_last:
-        out = torch.empty_like(x, memory_format=torch.channels_last)
-        src, dst = x.reshape(b, c, h * w), out.permute(0, 2, 3, 1).reshape(b, h * w, c)
-    else:
-        out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        src, dst = x.permute(0, 2, 3, 1).reshape(b, h * w, c), out.view(b, c, h * w)
-    for image in range(b):
-        dst[image].copy_(src[image].t())
-    return out
 
 
 def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
@@ -412,7 +437,8 @@ class ConvMLPFeatures(nn.Module):
                  norm_layer: NormLayer = nn.BatchNorm2d, with_cp: bool = False,
                  in_chans: int = 3):
         super().__init__()
-        self.arch_settings = settings = resolve_arch(arch)
+        settings = resolve_arch(arch)
+        check_drop_path_rate(drop_path_rate)
         blocks, widths = settings['blocks'], settings['widths']
         stem = settings['stem_width']
         self.tokenizer = Tokenizer(stem, norm_layer, in_chans)

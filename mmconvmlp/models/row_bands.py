@@ -152,13 +152,15 @@ def run_in_bands(op: RowOp, x: torch.Tensor) -> torch.Tensor:
     out_channels = op.out_channels(channels)
     row_bytes = batch * out_channels * out_width * x.element_size()
     step = max(1, BAND_BYTES // max(row_bytes, 1))
+    first = op.rows(x, 0, height, 0, min(step, out_height))
     if step >= out_height:
-        return op.rows(x, 0, height, 0, out_height).contiguous(memory_format=torch.channels_last)
-    out = torch.empty((batch, out_channels, out_height, out_width), dtype=x.dtype,
+        return first.contiguous(memory_format=torch.channels_last)
+    # The first band sets the dtype: under autocast it is not the input's.
+    out = torch.empty((batch, out_channels, out_height, out_width), dtype=first.dtype,
                       device=x.device, memory_format=torch.channels_last)
-    for lo in range(0, out_height, step):
-        hi = min(lo + step, out_height)
-        out[:, :, lo:hi] = op.rows(x, 0, height, lo, hi)
+    out[:, :, :step] = first
+    for lo in range(step, out_height, step):
+        out[:, :, lo:lo + step] = op.rows(x, 0, height, lo, min(lo + step, out_height))
     return out
 
 

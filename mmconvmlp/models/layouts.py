@@ -1,0 +1,183 @@
+"""Channels-last and channels-first memory: fast copies between them, and convolutions
+whose weight gradient is computed in channels-first memory where this CPU is faster so.
+
+The network keeps its maps in channels-last memory, where oneDNN's forward and input-gradient
+kernels run fastest on AVX2 and AVX-512 CPUs alike. Its AVX2 kernel for the *weight* gradient
+of a channels-last convolution is the exception: on large maps it runs 1.6-4x slower than
+the kernel for oneDNN's blocked layouts, which a channels-first call reaches after a cheap
+reorder (2x32x256x256 maps: 120 ms against 73 ms, the copies included; 2x128x128x128:
+452 against 170 ms), while on AVX-512 the channels-last kernel is as fast or faster.
+
+Rather than guessing from CPU flags, :func:`channels_last_weight_grad_is_slow` times one
+such weight gradient both ways, once per process. Where it is slow, :func:`conv2d` computes
+the weight gradients of the dense convolutions on large maps (see
+:func:`takes_channels_first_weight_grad`) from channels-first copies of the input and the
+output gradient. :func:`set_weight_grad_layout` forces either route (the tests simulate
+both kinds of CPU with it).
+"""
+import functools
+import time
+from typing import Callable, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
+
+WEIGHT_GRAD_LAYOUTS = ('auto', 'channels_last', 'channels_first')
+#: How many times faster the channels-first route must measure in the probe to be taken.
+#: Measured (1-2 threads, a busy host): 2.4-3.4 on AVX2, 0.6-0.9 on AVX-512, far from it
+#: either way, so the choice does not flip between runs on one machine.
+MARGIN = 1.5
+#: Where the channels-first route pays on a CPU that takes it: maps of at least
+#: ``MIN_PIXELS`` pixels per image, and ``in_channels * out_channels * pixels`` of at least
+#: ``MIN_WORK``. Below, the copies cost about what the faster kernel saves (AVX2, 3x3
+#: convolutions, 1-2 threads: 32->32 channels on 128x128 maps 0.6-0.7x, on 256x256 1.05-1.5x;
+#: 64->64 on 128x128 2.5-2.9x; 128->128 on 128x128 2.5-3.0x).
+MIN_PIXELS = 64 * 64
+MIN_WORK = 2 ** 26
+
+_forced: Optional[str] = None
+
+
+def set_weight_grad_layout(layout: str = 'auto') -> None:
+    """Compute the weight gradients of the convolutions in ``'channels_last'`` or
+    ``'channels_first'`` memory from now on (the latter on large maps only), or as measured
+    (``'auto'``, the default)."""
+    global _forced
+    if layout not in WEIGHT_GRAD_LAYOUTS:
+        raise ValueError(f'Unknown weight-gradient layout {layout!r}: give one of '
+                         f'{WEIGHT_GRAD_LAYOUTS}.')
+    _forced = None if layout == 'auto' else layout
+
+
+def weight_grad_layout() -> str:
+    """``'channels_first'`` or ``'channels_last'``: forced, or measured on this CPU."""
+    if _forced is not None:
+        return _forced
+    return 'channels_first' if channels_last_weight_grad_is_slow() else 'channels_last'
+
+
+def _best_thread_time(fn: Callable[[], None], repeats: int = 2) -> float:
+    fn()  # kernel selection and other one-off costs
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.thread_time()  # CPU time: other processes' load counts less
+        fn()
+        best = min(best, time.thread_time() - start)
+    return best
+
+
+@functools.lru_cache(maxsize=None)
+def channels_last_weight_grad_is_slow() -> bool:
+    """Whether the channels-last weight gradient of :func:`weight_grad_probe` takes
+    :data:`MARGIN` times longer on this CPU than the channels-first route. Measured once per
+    process, with the thread count of the first call."""
+    channels_last, channels_first = weight_grad_probe()
+    return channels_last > MARGIN * channels_first
+
+
+def weight_grad_probe() -> Tuple[float, float]:
+    """CPU seconds of the weight gradient of a 3x3 convolution, 128 -> 128 channels on a
+    1x128x128x128 map (as in the convolutional stage of a 512x512 image), in channels-last
+    memory and by the channels-first route (copies included); best of two runs after one
+    untimed run. About 0.4 s in all on AVX-512, 0.9 s on AVX2 (one thread)."""
+    gen = torch.Generator().manual_seed(0)
+    x, grad = (torch.randn(1, 128, 128, 128, generator=gen).contiguous(
+        memory_format=torch.channels_last) for _ in range(2))
+    weight = torch.randn(128, 128, 3, 3, generator=gen).contiguous(
+        memory_format=torch.channels_last)
+
+    def channels_first() -> None:
+        _weight_grad(transpose_images(grad, to_channels_last=False),
+                     transpose_images(x, to_channels_last=False), weight.contiguous(),
+                     (1, 1), (1, 1))
+
+    with torch.no_grad():
+        return (_best_thread_time(
+                    functools.partial(_weight_grad, grad, x, weight, (1, 1), (1, 1))),
+                _best_thread_time(channels_first))
+
+
+def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                 stride: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+    return torch.ops.aten.convolution_backward(
+        grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), 1,
+        (False, True, False))[1]
+
+
+def takes_channels_first_weight_grad(conv: nn.Conv2d, x: torch.Tensor,
+                                     weight: torch.Tensor) -> bool:
+    """Whether :func:`conv2d` computes this convolution's weight gradient in channels-first
+    memory: a float32 channels-last map on the CPU, outside autocast and graph capture, whose
+    weight needs a gradient; a dense convolution with a kernel larger than 1x1 on a map
+    large enough (:data:`MIN_PIXELS`, :data:`MIN_WORK`); and a CPU whose channels-last
+    weight gradients are slow (or where that route is forced)."""
+    pixels = x.shape[2] * x.shape[3]
+    return (x.device.type == 'cpu' and x.dtype == torch.float32 and weight.requires_grad
+            and torch.is_grad_enabled() and not torch.is_autocast_enabled('cpu')
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and conv.groups == 1 and conv.dilation == (1, 1) and conv.kernel_size != (1, 1)
+            and pixels >= MIN_PIXELS and x.shape[1] * weight.shape[0] * pixels >= MIN_WORK
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and weight_grad_layout() == 'channels_first')
+
+
+def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
+           bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``conv``'s geometry applied to the channels-last (B, C, H, W) map ``x`` with the given
+    weight and bias; the weight gradient in channels-first memory where
+    :func:`takes_channels_first_weight_grad` says so. Same values either way, to rounding."""
+    if takes_channels_first_weight_grad(conv, x, weight):
+        return _ChannelsFirstWeightGrad.apply(x, weight, bias, conv.stride, conv.padding)
+    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class _ChannelsFirstWeightGrad(torch.autograd.Function):
+    """A dense convolution; its backward pass computes the input gradient from the
+    channels-last tensors, the weight gradient from channels-first copies, and the bias
+    gradient as a sum (asked for with the input gradient, oneDNN would compute the weight
+    gradient too, in the slow kernel)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                stride: Tuple[int, int], padding: Tuple[int, int]) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = stride, padding
+        return F.conv2d(x, weight, bias, stride, padding)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        stride, padding = ctx.geometry
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_input = grad_weight = grad_bias = None
+        if need_input:
+            grad_input = torch.ops.aten.convolution_backward(
+                grad, x, weight, None, stride, padding, (1, 1), False, (0, 0), 1,
+                (True, False, False))[0]
+        if need_bias:
+            grad_bias = grad.sum((0, 2, 3))
+        if need_weight:
+            grad_weight = _weight_grad(transpose_images(grad, to_channels_last=False),
+                                       transpose_images(x, to_channels_last=False),
+                                       weight.contiguous(), stride, padding)
+        return grad_input, grad_weight, grad_bias, None, None
+
+
+def transpose_images(x: torch.Tensor, to_channels_last: bool) -> torch.Tensor:
+    """(B, C, H, W) from channels-last to contiguous memory or back, per image as a 2-D
+    transpose of the (C, H*W) and (H*W, C) matrices, which PyTorch's CPU copy does in
+    cache-sized tiles: 2-3x faster than the general strided copy behind ``contiguous()``."""
+    b, c, h, w = x.shape
+    if to_channels_last:
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        src, dst = x.reshape(b, c, h * w), out.permute(0, 2, 3, 1).reshape(b, h * w, c)
+    else:
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        src, dst = x.permute(0, 2, 3, 1).reshape(b, h * w, c), out.view(b, c, h * w)
+    for image in range(b):
+        dst[image].copy_(src[image].t())
+    return out
