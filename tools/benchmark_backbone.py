@@ -6,26 +6,36 @@ turns (in short blocks, see ``time_interleaved``), and the speed-up column also 
 middle half (quartiles) of the speed-ups of runs paired in turn, so drift on a shared machine
 shows as a range instead of hiding in one number.
 
-    python tools/benchmark_backbone.py                 # ConvMLP-S, the two cases below
+    python tools/benchmark_backbone.py                 # ConvMLP-S, the cases below
     python tools/benchmark_backbone.py --arch l --repeats 10 --device cuda
 
-Cases: inference on 1x3x800x1216 (eval mode, no gradients), and a training step (forward,
-backward) on 2x3x512x512 with BatchNorm in training mode and with frozen BatchNorm statistics
-(``norm_eval``, as detection fine-tuning often runs). ``--infer-input`` and ``--train-input``
-time other sizes.
+The header names the machine: on a CPU its model, the instruction set PyTorch's kernels use
+and whether bfloat16 runs natively (``mmconvmlp.engine.precision.cpu_bfloat16_speed``), and
+where mmconvmlp computes convolution weight gradients (``mmconvmlp.models.layouts``); on a
+GPU its name.
+
+Cases: inference on 1x3x800x1216 and 1x3x640x640 (eval mode, no gradients), and a training
+step (forward, backward) on 2x3x512x512 with BatchNorm in training mode and with frozen
+BatchNorm statistics (``norm_eval``, as detection fine-tuning often runs). ``--infer-input``
+and ``--train-input`` time other sizes (one or more each). ``--dtype bfloat16`` times both
+models under bfloat16 autocast.
 
 ``--bounds`` adds training-step rows for mmconvmlp with some layers replaced by identities:
 not models, but bounds on what the step could cost if those layers were free.
 """
 import argparse
+import contextlib
 import copy
+import platform
 import statistics
+import sys
 import time
 from typing import Callable, List, Tuple
 
 import torch
 
-from mmconvmlp.models import ConvMLP
+from mmconvmlp.engine.precision import cpu_bfloat16_speed
+from mmconvmlp.models import ConvMLP, layouts
 from mmconvmlp.testing import ReferenceConvMLP
 
 
@@ -36,10 +46,20 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--threads', type=int, default=None,
                         help='torch CPU threads (default: torch\'s own choice)')
     parser.add_argument('--device', default='cpu')
-    parser.add_argument('--infer-input', type=input_shape, default='1x3x800x1216',
-                        help='input of the inference case, BxCxHxW')
-    parser.add_argument('--train-input', type=input_shape, default='2x3x512x512',
-                        help='input of the training-step cases, BxCxHxW')
+    parser.add_argument('--infer-input', type=input_shape, nargs='+',
+                        default=[(1, 3, 800, 1216), (1, 3, 640, 640)],
+                        help='inputs of the inference case, BxCxHxW each')
+    parser.add_argument('--train-input', type=input_shape, nargs='+',
+                        default=[(2, 3, 512, 512)],
+                        help='inputs of the training-step cases, BxCxHxW each')
+    parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                        help='float32, or bfloat16 autocast (refused on a CPU that emulates '
+                             'bfloat16, unless --force)')
+    parser.add_argument('--force', action='store_true',
+                        help='time bfloat16 even where the CPU emulates it')
+    parser.add_argument('--weight-grad', default='auto', choices=layouts.WEIGHT_GRAD_LAYOUTS,
+                        help='where mmconvmlp computes convolution weight gradients on the CPU '
+                             '(default: measured, see mmconvmlp.models.layouts)')
     parser.add_argument('--bounds', action='store_true',
                         help='also time training steps with BatchNorm (and then ReLU, '
                              'LayerNorm, GELU) replaced by identities')
@@ -71,6 +91,44 @@ def without(model: torch.nn.Module, layer_types: Tuple[type, ...]) -> torch.nn.M
             if isinstance(child, layer_types):
                 setattr(parent, name, torch.nn.Identity())
     return model
+
+
+def cpu_model() -> str:
+    """The CPU's model name, from /proc/cpuinfo where there is one."""
+    try:
+        with open('/proc/cpuinfo') as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or 'unknown CPU'
+
+
+def machine_header(device: torch.device) -> str:
+    """What the timings were taken on, in a few lines."""
+    if device.type == 'cuda':
+        return (f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, '
+                f'torch {torch.__version__})')
+    speed = cpu_bfloat16_speed()
+    bf16 = (f'native ({1 / speed:.1f}x float32 in a probe)' if speed < 1 else
+            f'emulated ({speed:.0f}x slower than float32 in a probe)')
+    return (f'{cpu_model()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}\n'
+            f'instruction set: {torch.backends.cpu.get_cpu_capability()}; bfloat16: {bf16}; '
+            f'conv weight gradients (training): {layouts.weight_grad_layout()}')
+
+
+def precision_context(args: argparse.Namespace, device: torch.device
+                      ) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast for ``--dtype bfloat16``; exits with a message where the CPU
+    emulates bfloat16 and ``--force`` is not given."""
+    if args.dtype == 'float32':
+        return contextlib.nullcontext()
+    if device.type == 'cpu' and cpu_bfloat16_speed() >= 1 and not args.force:
+        sys.exit(f'--dtype bfloat16: this CPU emulates bfloat16 (a probe ran '
+                 f'{cpu_bfloat16_speed():.0f}x slower than float32), so the timings would '
+                 f'only show the emulation. Time float32, or add --force.')
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def synchronize(device: torch.device) -> None:
@@ -118,60 +176,65 @@ def shape_text(x: torch.Tensor) -> str:
 
 
 def relative_difference(outs, refs) -> float:
-    return max(((o - r).norm() / r.norm()).item() for o, r in zip(outs, refs))
+    return max(((o.float() - r.float()).norm() / r.float().norm()).item()
+               for o, r in zip(outs, refs))
 
 
 def main() -> None:
     args = parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    layouts.set_weight_grad_layout(args.weight_grad)
     device = torch.device(args.device)
+    precision = precision_context(args, device)
     ours = ConvMLP(arch=args.arch).to(device)
     reference = ReferenceConvMLP(arch=args.arch).to(device)
     reference.load_state_dict(ours.state_dict())
 
     rows = []
-    # Inference.
-    x = torch.randn(args.infer_input, device=device)
     ours.eval()
     reference.eval()
-    with torch.no_grad():
-        diff = relative_difference(ours(x), reference(x))
+    for shape in args.infer_input:
+        x = torch.randn(shape, device=device)
+        with torch.no_grad(), precision:
+            diff = relative_difference(ours(x), reference(x))
 
-        def infer(model):
-            return lambda: model(x)
-        t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats, device)
-    rows.append(summarize('inference', shape_text(x), t_ref, t_ours, f'{diff:.1e}'))
+            def infer(model):
+                return lambda: model(x)
+            t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats,
+                                             device)
+        rows.append(summarize('inference', shape_text(x), t_ref, t_ours, f'{diff:.1e}'))
 
-    # Training steps.
-    x = torch.randn(args.train_input, device=device)
-
-    def train_step(model):
+    def train_step(model, x):
         def step():
             model.zero_grad(set_to_none=True)
-            sum(out.mean() for out in model(x)).backward()
+            with precision:
+                loss = sum(out.float().mean() for out in model(x))
+            loss.backward()
         return step
-    for case, norm_eval in (('train step (fwd+bwd)', False), ('  with norm_eval', True)):
-        for model in (ours, reference):
-            model.train()
-            if norm_eval:
-                for module in model.modules():
-                    if isinstance(module, torch.nn.BatchNorm2d):
-                        module.eval()
-        t_ref, t_ours = time_interleaved([train_step(reference), train_step(ours)],
-                                         args.repeats, device)
-        rows.append(summarize(case, shape_text(x), t_ref, t_ours, '-'))
-    if args.bounds:
-        for model in (ours, reference):
-            model.train()
-        for case, layer_types in BOUNDS:
-            t_ref, t_bound = time_interleaved(
-                [train_step(reference), train_step(without(ours, layer_types))],
-                args.repeats, device)
-            rows.append(summarize(case, shape_text(x), t_ref, t_bound, '-'))
+    for shape in args.train_input:
+        x = torch.randn(shape, device=device)
+        for case, norm_eval in (('train step (fwd+bwd)', False), ('  with norm_eval', True)):
+            for model in (ours, reference):
+                model.train()
+                if norm_eval:
+                    for module in model.modules():
+                        if isinstance(module, torch.nn.BatchNorm2d):
+                            module.eval()
+            t_ref, t_ours = time_interleaved([train_step(reference, x), train_step(ours, x)],
+                                             args.repeats, device)
+            rows.append(summarize(case, shape_text(x), t_ref, t_ours, '-'))
+        if args.bounds:
+            for model in (ours, reference):
+                model.train()
+            for case, layer_types in BOUNDS:
+                t_ref, t_bound = time_interleaved(
+                    [train_step(reference, x), train_step(without(ours, layer_types), x)],
+                    args.repeats, device)
+                rows.append(summarize(case, shape_text(x), t_ref, t_bound, '-'))
 
-    print(f'ConvMLP-{args.arch.upper()} on {device} ({torch.get_num_threads()} CPU threads, '
-          f'torch {torch.__version__}), median of {args.repeats} runs\n')
+    print(f'ConvMLP-{args.arch.upper()} on {machine_header(device)}\n'
+          f'{args.dtype}, median of {args.repeats} runs\n')
     header = ('case', 'input', 'authors\' layout', 'mmconvmlp', 'speed-up (quartiles)',
               'max rel. diff')
     lines = [header] + rows
