@@ -24,7 +24,8 @@ def test_a_row_per_config_with_its_figures(capsys):
                     '--repeats', '2'])
     out = capsys.readouterr().out
     header = out.split('| config')[0]
-    assert 'on 2x3x64x64 synthetic images, random weights; median of 2 runs' in header
+    assert ('on 2x3x64x64 synthetic images, random weights (no checkpoint loaded or '
+            'downloaded); median of 2 runs') in header
     assert f'device: cpu ({benchmark.cpu_model()}; PyTorch kernels ' in header
     assert f'{torch.get_num_threads()} threads; precision: float32' in header
     rows = [line.strip('|').split('|') for line in out.splitlines()

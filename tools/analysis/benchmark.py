@@ -328,7 +328,8 @@ def main(argv=None) -> None:
         height, width = args.shape
         print(f'Inference of the whole model (model.test_step: preprocessing, backbone, neck, '
               f'head, post-processing) on {args.batch}x3x{height}x{width} synthetic images, '
-              f'random weights; median of {args.repeats} runs after an untimed one.\n'
+              f'random weights (no checkpoint loaded or downloaded); median of '
+              f'{args.repeats} runs after an untimed one.\n'
               f'device: {device_description(device)}; precision: {precision}; '
               f'torch {torch.__version__}\n')
         print(f'| config | img/s | latency ms, median (min-max) | {memory.kind} MB |')
