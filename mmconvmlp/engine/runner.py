@@ -13,7 +13,11 @@ names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. I
 * atomic checkpoints (:mod:`.atomic_save`): a checkpoint in a local folder becomes visible
   only once it is complete;
 * ``--resume`` (``resume=True`` without ``load_from``) in a work dir that holds no
-  checkpoint warns, naming the work dir, before training starts from the beginning.
+  checkpoint warns, naming the work dir, before training starts from the beginning;
+* identical, quick resumes (:mod:`.resume_state`, :mod:`.resumable_loader`): the training
+  loader can start at any batch without loading the ones before and seeds each sample's
+  augmentation from its position; checkpoints carry the generators' states, restored when
+  resuming, so a resumed run continues as the uninterrupted run would have.
 
 Safe loading of mmengine's checkpoints (:mod:`.safe_loading`) needs no runner: importing
 mmconvmlp sets it up for the whole process.
@@ -29,12 +33,14 @@ from .atomic_save import partial_name, publish
 from .cpu_processes import (check_launcher_environment, set_cpu_threads,
                             setup_cpu_distributed)
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
+from .resumable_loader import resumable_loader
+from .resume_state import ResumeStateHook
 
 
 @RUNNERS.register_module()
 class ConvMLPRunner(Runner):
-    """mmengine's Runner, plus CPU processes, the data check, atomic checkpoints and a
-    warning when there is nothing to resume from (see the module)."""
+    """mmengine's Runner, plus CPU processes, the data check, atomic checkpoints, a
+    warning when there is nothing to resume from and identical resumes (see the module)."""
 
     @classmethod
     def from_cfg(cls, cfg) -> 'ConvMLPRunner':
@@ -43,6 +49,18 @@ class ConvMLPRunner(Runner):
         set_cpu_threads()
         setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
         return super().from_cfg(cfg)
+
+    def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
+        super().register_hooks(default_hooks, custom_hooks)
+        self.register_hook(ResumeStateHook())
+
+    def build_train_loop(self, loop):
+        if isinstance(self._train_dataloader, dict):
+            diff_rank_seed = self._randomness_cfg.get('diff_rank_seed', False)
+            self._train_dataloader = resumable_loader(
+                self.build_dataloader(self._train_dataloader, seed=self.seed,
+                                      diff_rank_seed=diff_rank_seed), self.seed)
+        return super().build_train_loop(loop)
 
     def _check_data(self, sections) -> None:
         check_data(self.cfg, sections, self.cfg.filename or '')

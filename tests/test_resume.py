@@ -1,0 +1,101 @@
+"""Resumes that end where the uninterrupted run ends: a run killed with SIGKILL between two
+checkpoints and resumed ends with the very weights of a run never interrupted, for the
+epoch-based RetinaNet and the iteration-based Semantic FPN shapes demos (random flips,
+stochastic depth, a persistent data-loader worker, validation between checkpoints), through
+tools/train.py and MMDetection's / MMSegmentation's own train.py; a late resume of an
+iteration-based run loads no batch it already trained."""
+import functools
+import os
+import os.path as osp
+import subprocess
+import sys
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from mmconvmlp.datasets import write_shapes_dataset
+from mmconvmlp.engine import ConvMLPRunner
+from test_tools import ROOT, run, tool, wheel_tool
+
+RETINANET = osp.join(ROOT, 'configs/detection/retinanet_convmlp_s_shapes.py')
+SEM_FPN = osp.join(ROOT, 'configs/segmentation/fpn_convmlp_s_shapes.py')
+TESTS = osp.dirname(osp.abspath(__file__))
+
+
+@pytest.fixture(scope='module')
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp('resume')
+    write_shapes_dataset(str(root / 'data' / 'shapes'), num_train=4, num_val=2,
+                         image_size=64, seed=0)
+    return root
+
+
+def options(config, *extra):
+    """Two images a step, float32 (the bfloat16 choice rests on a timing), 64x64 images,
+    seed 0, a checkpoint every 3 iterations, validation at every epoch (RetinaNet: two
+    iterations each) or after the checkpoint of iteration 3 (FPN)."""
+    common = ['train_dataloader.batch_size=2', 'optim_wrapper.precision=float32',
+              'randomness.seed=0', 'default_hooks.checkpoint.by_epoch=False',
+              'default_hooks.checkpoint.interval=3', 'default_hooks.logger.interval=1',
+              'val_dataloader.batch_size=2']
+    if config == RETINANET:
+        common += ['train_cfg.max_epochs=3', 'train_cfg.val_interval=1',
+                   'train_dataloader.dataset.pipeline.2.scale=(64,64)',
+                   'val_dataloader.dataset.pipeline.1.scale=(64,64)',
+                   'param_scheduler.0.end=4']
+    else:
+        common += ['train_cfg.max_iters=6',
+                   'train_cfg.val_interval=3', 'model.data_preprocessor.size=(64,64)', 'param_scheduler.0.end=2',
+                   'param_scheduler.1.begin=2', 'param_scheduler.1.end=6']
+    return ['--cfg-options', *common, *extra]
+
+
+def killed_after(config, iteration, folder):
+    """A config that is ``config`` plus a hook killing the run after ``iteration``."""
+    path = folder / f'killed_{osp.basename(config)}'
+    path.write_text(f'_base_ = {config!r}\n'
+                    "custom_imports = dict(imports=['mmconvmlp', 'mmconvmlp.engine', "
+                    "'sigkill_hook'], allow_failed_imports=False)\n"
+                    f"custom_hooks = [dict(type='SigkillAfterIteration', "
+                    f"iteration={iteration})]\n")
+    return path
+
+
+def final_weights(work_dir):
+    return torch.load(osp.join(work_dir, 'iter_6.pth'), map_location='cpu')['state_dict']
+
+
+@pytest.mark.parametrize('config,resume_tool', [
+    (RETINANET, functools.partial(wheel_tool, 'mmdet')), (SEM_FPN, tool)],
+    ids=['retinanet_by_epoch_resumed_by_mmdet', 'sem_fpn_by_iteration'])
+def test_a_killed_run_resumes_to_the_uninterrupted_weights(data_root, config, resume_tool):
+    """Killed after iteration 5, resumed from the checkpoint of iteration 3 (RetinaNet: one
+    batch into its second epoch; FPN: validated after it): both runs end with equal
+    weights, tensor for tensor."""
+    env = dict(os.environ, OMP_NUM_THREADS='1', MKL_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='',
+               PYTHONPATH=os.pathsep.join([TESTS, os.environ.get('PYTHONPATH', '')]),
+               PYTHONWARNINGS='ignore')
+    name = osp.splitext(osp.basename(config))[0]
+    whole, broken = data_root / f'{name}_whole', data_root / f'{name}_killed'
+    processes = [
+        subprocess.Popen(tool('train.py', config, '--work-dir', whole, *options(config)),
+                         cwd=data_root, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True),
+        subprocess.Popen(tool('train.py', killed_after(config, 5, data_root), '--work-dir',
+                              broken, *options(config)),
+                         cwd=data_root, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)]
+    errors = [p.communicate(timeout=400)[1] for p in processes]
+    assert processes[0].returncode == 0, errors[0][-4000:]
+    assert processes[1].returncode == -9, errors[1][-4000:]
+    assert (broken / 'iter_3.pth').is_file() and not (broken / 'iter_6.pth').exists()
+
+    run(resume_tool('train.py', config, '--work-dir', broken, '--resume', *options(config)),
+        data_root, env)
+    log = open(sorted(broken.glob('*/*.log'))[-1]).read()
+    assert 'resumed epoch: 1, iter: 3' in log if config == RETINANET else 'iter: 3' in log
+    expected, resumed = final_weights(whole), final_weights(broken)
+    assert expected.keys() == resumed.keys()
+    differing = [key for key in expected if not torch.equal(expected[key], resumed[key])]
+    assert not differing, f'{len(differing)} of {len(expected)} tensors differ'
