@@ -5,6 +5,7 @@ stochastic depth, a persistent data-loader worker, validation between checkpoint
 tools/train.py and MMDetection's / MMSegmentation's own train.py; a late resume of an
 iteration-based run loads no batch it already trained."""
 import functools
+import itertools
 import os
 import os.path as osp
 import subprocess
@@ -12,10 +13,12 @@ import sys
 
 import pytest
 import torch
-from mmengine.config import Config
+from mmengine.dataset import InfiniteSampler
+from torch.utils.data import Dataset
 
 from mmconvmlp.datasets import write_shapes_dataset
 from mmconvmlp.engine import ConvMLPRunner
+from test_engine import ToyModel
 from test_tools import ROOT, run, tool, wheel_tool
 
 RETINANET = osp.join(ROOT, 'configs/detection/retinanet_convmlp_s_shapes.py')
@@ -46,8 +49,9 @@ def options(config, *extra):
                    'param_scheduler.0.end=4']
     else:
         common += ['train_cfg.max_iters=6',
-                   'train_cfg.val_interval=3', 'model.data_preprocessor.size=(64,64)', 'param_scheduler.0.end=2',
-                   'param_scheduler.1.begin=2', 'param_scheduler.1.end=6']
+                   'train_cfg.val_interval=3', 'model.data_preprocessor.size=(64,64)',
+                   'param_scheduler.0.end=2', 'param_scheduler.1.begin=2',
+                   'param_scheduler.1.end=6']
     return ['--cfg-options', *common, *extra]
 
 
@@ -99,3 +103,49 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights(data_root, config, re
     assert expected.keys() == resumed.keys()
     differing = [key for key in expected if not torch.equal(expected[key], resumed[key])]
     assert not differing, f'{len(differing)} of {len(expected)} tensors differ'
+
+
+class CountingDataset(Dataset):
+    """Five samples; remembers which it was asked for (in the class: mmengine builds the
+    loader from a deep copy)."""
+
+    reads = []
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, index):
+        self.reads.append(int(index))
+        return dict(inputs=torch.full((2,), float(index)))
+
+
+def counting_runner(work_dir, name, dataset, max_iters, resume_from=None):
+    return ConvMLPRunner(
+        model=ToyModel(), work_dir=str(work_dir), experiment_name=name,
+        train_dataloader=dict(dataset=dataset, batch_size=2, num_workers=0,
+                              sampler=dict(type='InfiniteSampler', shuffle=True),
+                              collate_fn=dict(type='default_collate')),
+        train_cfg=dict(by_epoch=False, max_iters=max_iters),
+        optim_wrapper=dict(optimizer=dict(type='SGD', lr=0.1)),
+        default_hooks=dict(checkpoint=dict(type='CheckpointHook', by_epoch=False,
+                                           interval=1)),
+        randomness=dict(seed=0), load_from=resume_from, resume=resume_from is not None)
+
+
+def test_a_late_resume_loads_only_the_batches_it_trains(tmp_path):
+    """A checkpoint whose counter says 5000 iterations: the resumed run reads the 4 samples
+    of its two iterations, the ones at positions 10000-10003 of the sampler's stream
+    (mmengine 0.10.7 alone reads the 10000 before them first)."""
+    dataset = CountingDataset()
+    counting_runner(tmp_path, 'late_first', dataset, max_iters=1).train()
+    assert len(dataset.reads) == 2
+    checkpoint = torch.load(tmp_path / 'iter_1.pth')
+    checkpoint['meta']['iter'] = 5000
+    torch.save(checkpoint, tmp_path / 'iter_5000.pth')
+
+    dataset.reads.clear()
+    counting_runner(tmp_path, 'late_resumed', dataset, max_iters=5002,
+                    resume_from=str(tmp_path / 'iter_5000.pth')).train()
+    stream = InfiniteSampler(dataset, shuffle=True, seed=0)
+    assert dataset.reads == list(itertools.islice(iter(stream), 10000, 10004))
+    assert torch.load(tmp_path / 'iter_5002.pth')['meta']['iter'] == 5002
