@@ -28,6 +28,7 @@ import numpy as np  # noqa: E402
 
 # mmconvmlp registers ConvMLP and lets torch's safe loading read mmengine's checkpoints.
 from mmconvmlp.engine import ReadableError  # noqa: E402
+from mmconvmlp.engine.weights_fit import check_weights_fit  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
@@ -108,30 +109,6 @@ def check_device(device: str) -> None:
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise InferenceInputError(f'--device {device}: CUDA is not available here; use '
                                   '--device cpu.')
-
-
-def check_weights_fit(model, checkpoint: dict, checkpoint_path: str) -> None:
-    """Raise :class:`InferenceInputError` when a weight of ``model`` is missing from the
-    checkpoint or has another shape there (mmengine would load the rest and leave these at
-    random values). Entries the model does not have are ignored, as mmengine ignores them."""
-    state = checkpoint.get('state_dict', checkpoint)
-    state = {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state.items()}
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in state]
-    misshaped = [f'{k} {tuple(state[k].shape)} instead of {tuple(v.shape)}'
-                 for k, v in expected.items()
-                 if k in state and tuple(getattr(state[k], 'shape', ())) != tuple(v.shape)]
-    if not missing and not misshaped:
-        return
-    details = []
-    if missing:
-        details.append(f'{len(missing)} missing (e.g. {", ".join(missing[:3])})')
-    if misshaped:
-        details.append(f'{len(misshaped)} with another shape (e.g. {"; ".join(misshaped[:3])})')
-    raise InferenceInputError(
-        f'{checkpoint_path} does not fit the model of the config: of its {len(expected)} '
-        f'weights, {" and ".join(details)}. Is it a checkpoint of another model? Give the '
-        'checkpoint trained with this config.')
 
 
 def inferencer_class(scope: str):

@@ -10,6 +10,8 @@ names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. I
   processes, and ``OMP_NUM_THREADS`` sets the thread count;
 * the data check (:mod:`.data_check`): training, validation and testing first make sure the
   data they read exist, and stop with :class:`~.data_check.DataNotFoundError` otherwise;
+* validation and testing stop with :class:`~.weights_fit.WeightsMismatchError`, listing what
+  does not match, when the checkpoint is not one of the config's model (:mod:`.weights_fit`);
 * atomic checkpoints (:mod:`.atomic_save`): a checkpoint in a local folder becomes visible
   only once it is complete;
 * ``--resume`` (``resume=True`` without ``load_from``) in a work dir that holds no
@@ -35,6 +37,7 @@ from .cpu_processes import (check_launcher_environment, set_cpu_threads,
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
 from .resumable_loader import resumable_loader
 from .resume_state import ResumeStateHook
+from .weights_fit import CheckWeightsFitHook
 
 
 @RUNNERS.register_module()
@@ -69,12 +72,18 @@ class ConvMLPRunner(Runner):
         self._check_data(TRAIN_SECTIONS)
         return super().train()
 
+    def _check_weights_fit(self) -> None:
+        if not any(isinstance(hook, CheckWeightsFitHook) for hook in self.hooks):
+            self.register_hook(CheckWeightsFitHook())
+
     def val(self):
         self._check_data(VAL_SECTIONS)
+        self._check_weights_fit()
         return super().val()
 
     def test(self):
         self._check_data(TEST_SECTIONS)
+        self._check_weights_fit()
         return super().test()
 
     def load_or_resume(self) -> None:
