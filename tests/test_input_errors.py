@@ -2,11 +2,14 @@
 to tools/test.py, a damaged or missing image, a truncated annotation file, annotations of
 unknown categories or none at all, a checkpoint URL that never answers."""
 import os.path as osp
+import socket
+import threading
 
 import pytest
 import torch
 
 from mmconvmlp.datasets import write_shapes_dataset
+from mmconvmlp.engine import CheckpointDownloadError
 from mmconvmlp.engine.weights_fit import WeightsMismatchError
 from mmconvmlp.models import ConvMLP
 from test_tools import ROOT, load_script
@@ -44,3 +47,33 @@ def test_test_py_refuses_a_checkpoint_of_another_model(shapes):
     assert ' missing (e.g. neck.' in message
     assert 'with another shape (e.g. backbone.' in message
     assert not list(shapes.glob('work/*/*.json'))  # no metrics written
+
+
+@pytest.fixture
+def silent_server():
+    """The URL of a local server that accepts connections and never answers."""
+    server = socket.socket()
+    server.bind(('127.0.0.1', 0))
+    server.listen(4)
+    accepted = []
+    thread = threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True)
+    thread.start()
+    yield f'http://127.0.0.1:{server.getsockname()[1]}/convmlp_s.pth'
+    for connection, _ in accepted:
+        connection.close()
+    server.close()
+
+
+def test_a_silent_checkpoint_url_times_out_and_leaves_no_file(silent_server, tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('MMCONVMLP_DOWNLOAD_TIMEOUT', '0.5')
+    for proxy in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy',
+                  'ALL_PROXY'):
+        monkeypatch.delenv(proxy, raising=False)
+    backbone = ConvMLP('s', init_cfg=dict(type='Pretrained', checkpoint=silent_server))
+    with pytest.raises(CheckpointDownloadError) as error:
+        backbone.init_weights()
+    assert str(error.value).startswith(
+        f'{silent_server}: the server sent nothing for 0.5 s, so the download was given up')
+    assert [p for p in (tmp_path / 'torch').rglob('*') if p.is_file()] == []
