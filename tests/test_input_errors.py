@@ -1,15 +1,18 @@
 """One clear message for a bad input met while running: a checkpoint of another model given
 to tools/test.py, a damaged or missing image, a truncated annotation file, annotations of
 unknown categories or none at all, a checkpoint URL that never answers."""
+import json
 import os.path as osp
 import socket
 import threading
 
 import pytest
 import torch
+from mmengine.config import Config
 
 from mmconvmlp.datasets import write_shapes_dataset
-from mmconvmlp.engine import CheckpointDownloadError
+from mmconvmlp.engine import CheckpointDownloadError, ConvMLPRunner, data_errors
+from mmconvmlp.engine.data_errors import DataFileError, check_contents
 from mmconvmlp.engine.weights_fit import WeightsMismatchError
 from mmconvmlp.models import ConvMLP
 from test_tools import ROOT, load_script
@@ -77,3 +80,92 @@ def test_a_silent_checkpoint_url_times_out_and_leaves_no_file(silent_server, tmp
     assert str(error.value).startswith(
         f'{silent_server}: the server sent nothing for 0.5 s, so the download was given up')
     assert [p for p in (tmp_path / 'torch').rglob('*') if p.is_file()] == []
+
+
+def train_with(shapes, *options):
+    train_tool = load_script('tools/train.py')
+    train_tool.main([RETINANET, '--work-dir', str(shapes / 'work'), '--cfg-options', *SMALL,
+                     *options])
+
+
+@pytest.mark.parametrize('case', ['damaged image, in a worker', 'missing image',
+                                  'truncated annotation file'])
+def test_an_unusable_data_file_is_named(shapes, case):
+    """tools/train.py (what MMDetection's own train.py builds too): DataFileError, whose
+    message alone is printed; nothing trained."""
+    coco = shapes / 'data' / 'shapes' / 'coco'
+    image = 'data/shapes/coco/train2017/000000000001.jpg'
+    annotations = 'data/shapes/coco/annotations/instances_train2017.json'
+    options = []
+    if case == 'damaged image, in a worker':
+        (shapes / image).write_bytes(b'\xff\xd8 not a JPEG')
+        options = ['train_dataloader.num_workers=1']
+        expected = f'{image} cannot be read: it is no readable image'
+    elif case == 'missing image':
+        (shapes / image).unlink()
+        expected = f'{image} cannot be read: no such file. The annotations list it'
+    else:
+        text = (coco / 'annotations' / 'instances_train2017.json').read_text()
+        (shapes / annotations).write_text(text[:len(text) // 2])
+        expected = f'{annotations} cannot be read as JSON (Expecting value: line 1 column'
+    with pytest.raises(DataFileError) as error:
+        train_with(shapes, *options)
+    assert str(error.value).startswith(expected)
+    assert not list(shapes.glob('work/*.pth'))
+
+
+def built_dataset(section):
+    from mmdet.registry import DATASETS
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    cfg = Config.fromfile(RETINANET)
+    return DATASETS.build(cfg[section].dataset)
+
+
+def rewrite_annotations(path, change):
+    with open(path) as f:
+        coco = json.load(f)
+    change(coco)
+    with open(path, 'w') as f:
+        json.dump(coco, f)
+
+
+def test_annotations_of_unknown_categories_are_counted(shapes, monkeypatch):
+    """A warning with the counts; where all are unknown, no training image is left."""
+    path = shapes / 'data/shapes/coco/annotations/instances_train2017.json'
+    warnings = []
+    monkeypatch.setattr(data_errors, 'print_log', lambda text, **_: warnings.append(text))
+
+    def unknown_first_two(coco):
+        for ann in coco['annotations'][:2]:
+            ann['category_id'] = 99
+
+    rewrite_annotations(path, unknown_first_two)
+    total = len(json.loads(path.read_text())['annotations'])
+    check_contents(built_dataset('train_dataloader'), 'train on')
+    assert warnings == [f'{path.relative_to(shapes)}: 2 of {total} annotations have category '
+                        "ids that are not among the config's classes (99) and are left out."]
+
+    def all_unknown(coco):
+        for ann in coco['annotations']:
+            ann['category_id'] = 99
+
+    rewrite_annotations(path, all_unknown)
+    with pytest.raises(DataFileError) as error:
+        train_with(shapes)
+    assert str(error.value).startswith(f'{path.relative_to(shapes)}: the data set holds no '
+                                       'samples, nothing to train on')
+
+
+def test_a_split_without_annotations_is_nothing_to_evaluate(shapes):
+    path = shapes / 'data/shapes/coco/annotations/instances_val2017.json'
+    rewrite_annotations(path, lambda coco: coco.update(annotations=[]))
+    cfg = Config.fromfile(RETINANET)
+    cfg.work_dir = str(shapes / 'work')
+    cfg.test_dataloader.update(num_workers=0, persistent_workers=False)
+    runner = ConvMLPRunner.from_cfg(cfg)
+    with pytest.raises(DataFileError) as error:
+        runner.test()
+    assert str(error.value).startswith(
+        f'{path.relative_to(shapes)}: none of its 2 images has an annotation of the config\'s '
+        'classes, nothing to test on')

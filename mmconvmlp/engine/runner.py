@@ -10,6 +10,9 @@ names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. I
   processes, and ``OMP_NUM_THREADS`` sets the thread count;
 * the data check (:mod:`.data_check`): training, validation and testing first make sure the
   data they read exist, and stop with :class:`~.data_check.DataNotFoundError` otherwise;
+* data that exist but cannot be used (:mod:`.data_errors`): a missing or unreadable image, a
+  damaged annotation file, or a split with nothing to train or evaluate on stops the run with
+  one message naming the file; annotations of unknown categories give a warning with counts;
 * validation and testing stop with :class:`~.weights_fit.WeightsMismatchError`, listing what
   does not match, when the checkpoint is not one of the config's model (:mod:`.weights_fit`);
 * atomic checkpoints (:mod:`.atomic_save`): a checkpoint in a local folder becomes visible
@@ -35,6 +38,7 @@ from .atomic_save import partial_name, publish
 from .cpu_processes import (check_launcher_environment, set_cpu_threads,
                             setup_cpu_distributed)
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
+from .data_errors import DataContentsHook, readable_data_errors
 from .resumable_loader import resumable_loader
 from .resume_state import ResumeStateHook
 from .weights_fit import CheckWeightsFitHook
@@ -56,6 +60,7 @@ class ConvMLPRunner(Runner):
     def register_hooks(self, default_hooks=None, custom_hooks=None) -> None:
         super().register_hooks(default_hooks, custom_hooks)
         self.register_hook(ResumeStateHook())
+        self.register_hook(DataContentsHook())
 
     def build_train_loop(self, loop):
         if isinstance(self._train_dataloader, dict):
@@ -70,7 +75,8 @@ class ConvMLPRunner(Runner):
 
     def train(self):
         self._check_data(TRAIN_SECTIONS)
-        return super().train()
+        with readable_data_errors(self.cfg, TRAIN_SECTIONS):
+            return super().train()
 
     def _check_weights_fit(self) -> None:
         if not any(isinstance(hook, CheckWeightsFitHook) for hook in self.hooks):
@@ -79,12 +85,14 @@ class ConvMLPRunner(Runner):
     def val(self):
         self._check_data(VAL_SECTIONS)
         self._check_weights_fit()
-        return super().val()
+        with readable_data_errors(self.cfg, VAL_SECTIONS):
+            return super().val()
 
     def test(self):
         self._check_data(TEST_SECTIONS)
         self._check_weights_fit()
-        return super().test()
+        with readable_data_errors(self.cfg, TEST_SECTIONS):
+            return super().test()
 
     def load_or_resume(self) -> None:
         if self._resume and self._load_from is None and not self._has_loaded \
