@@ -14,7 +14,9 @@ The convolutional front end runs in ``torch.channels_last`` memory format (in in
 the CPU a band of rows at a time, see :mod:`.row_bands`), and the MLP
 stages work on channels-last ``(B, H, W, C)`` tensors end to end: a ``(B, C, H, W)`` view of
 such a tensor *is* channels-last memory, so the depthwise and downsampling convolutions take
-it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``.
+it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``. In training
+on CPUs whose channels-last weight-gradient kernels are slow (AVX2), the weight gradients of
+the large convolutions are computed from channels-first copies (:mod:`.layouts`).
 
 Module and parameter names follow the authors' released ImageNet checkpoints, which therefore
 load as they are.

@@ -3,10 +3,11 @@ whose weight gradient is computed in channels-first memory where this CPU is fas
 
 The network keeps its maps in channels-last memory, where oneDNN's forward and input-gradient
 kernels run fastest on AVX2 and AVX-512 CPUs alike. Its AVX2 kernel for the *weight* gradient
-of a channels-last convolution is the exception: on large maps it runs 1.6-4x slower than
+of a channels-last convolution is the exception: on large maps it runs 1.5-4x slower than
 the kernel for oneDNN's blocked layouts, which a channels-first call reaches after a cheap
-reorder (2x32x256x256 maps: 120 ms against 73 ms, the copies included; 2x128x128x128:
-452 against 170 ms), while on AVX-512 the channels-last kernel is as fast or faster.
+reorder (3x3 convolutions, one thread: 32 -> 64 channels on 2x256x256 maps 269 ms against
+116 ms, the copies included; 128 -> 128 on 2x128x128, 465 against 153 ms), while on AVX-512
+the channels-last kernel is as fast or faster.
 
 Rather than guessing from CPU flags, :func:`channels_last_weight_grad_is_slow` times one
 such weight gradient both ways, once per process. Where it is slow, :func:`conv2d` computes
