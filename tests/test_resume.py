@@ -2,8 +2,8 @@
 checkpoints and resumed ends with the very weights of a run never interrupted, for the
 epoch-based RetinaNet and the iteration-based Semantic FPN shapes demos (random flips,
 stochastic depth, a persistent data-loader worker, validation between checkpoints), through
-tools/train.py and MMDetection's / MMSegmentation's own train.py; a late resume of an
-iteration-based run loads no batch it already trained."""
+tools/train.py and MMDetection's own train.py; a late resume of an iteration-based run
+loads no batch it already trained."""
 import functools
 import itertools
 import os
