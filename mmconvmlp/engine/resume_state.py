@@ -8,9 +8,10 @@ CUDA) and the training sampler's seed, as tensors, numbers and lists (torch's sa
 reads them). Resuming from such a checkpoint, it
 
 * starts the training loader (a :mod:`.resumable_loader`) at the first batch not trained
-  yet: mid-epoch in an epoch-based loop; in an iteration-based loop, where mmengine's loop
-  would load and discard every batch already trained, it answers the loop's advancing
-  calls without loading anything;
+  yet: mid-epoch in an epoch-based loop (the log then counts the epoch's batches from 0);
+  in an iteration-based loop, where mmengine's loop would load and discard every batch
+  already trained, it answers the loop's advancing calls without loading anything
+  (mmengine still logs "Advance dataloader N steps");
 * restores the generators right before that batch is loaded: the very point the
   uninterrupted run was at when the checkpoint was saved, as validation draws nothing from
   the training's generators (the hook puts their states back after each validation).
