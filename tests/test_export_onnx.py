@@ -225,6 +225,10 @@ def test_refusals_are_one_line(tmp_path):
                fpn_weights)
     _, message = run_tool([written.config, str(fpn_weights), str(tmp_path / 'x.onnx')])
     assert 'does not fit the config' in message and '\n' not in message
+    _, message = run_tool([written.config, written.checkpoint, str(tmp_path / 'x.onnx'),
+                           '--shape', '64', '64', '--opset', '5'])
+    assert message.startswith('export_onnx.py: error: torch.onnx.export failed at opset 5: ')
+    assert '\n' not in message
     _, message = run_tool([written.config, str(tmp_path / 'missing.pth'),
                            str(tmp_path / 'x.onnx')])
     assert message == f'export_onnx.py: error: {tmp_path / "missing.pth"}: no such checkpoint file.'

@@ -32,6 +32,7 @@ config's model exactly.
 import argparse
 import copy
 import importlib
+import importlib.util
 import inspect
 import json
 import logging
@@ -158,10 +159,15 @@ def export(model: nn.Module, groups, shape: Tuple[int, int], opset: int, out: st
         # The TorchScript exporter's deprecation and the tracer's notes on Python values:
         # the check at another input size below finds what the trace did not generalise.
         warnings.simplefilter('ignore')
-        # In eval mode: the exporter puts the module back into the mode it found it in.
-        torch.onnx.export(TensorMode(model).eval(), (image,), out, dynamo=False,
-                          input_names=['image'], output_names=names,
-                          dynamic_axes=dynamic_axes, opset_version=opset)
+        try:
+            # In eval mode: the exporter puts the module back into the mode it found it in.
+            torch.onnx.export(TensorMode(model).eval(), (image,), out, dynamo=False,
+                              input_names=['image'], output_names=names,
+                              dynamic_axes=dynamic_axes, opset_version=opset)
+        except Exception as error:  # the exporter's many error types, told in one line
+            message = (str(error).strip().splitlines() or [''])[0]
+            raise UsageError(f'torch.onnx.export failed at opset {opset}: '
+                             f'{type(error).__name__}: {message}') from error
 
 
 def add_metadata(out: str, cfg, scope: str, groups) -> None:
@@ -343,6 +349,11 @@ def main(argv=None) -> None:
         if min(args.shape) < 32:
             raise UsageError(f'--shape {args.shape[0]} {args.shape[1]}: height and width '
                              f'must be at least 32 pixels.')
+        missing = [name for name in ('onnx', 'onnxruntime')
+                   if importlib.util.find_spec(name) is None]
+        if missing:
+            raise UsageError(f'{" and ".join(missing)} not installed: pip install onnx '
+                             f'onnxruntime (tools/setup_env.sh installs both).')
         from mmengine.registry import DefaultScope
         cfg, scope = load_model_config(args.config)
         model = build_model(cfg, torch.device('cpu'))
