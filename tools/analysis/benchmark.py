@@ -199,6 +199,13 @@ def choose_precision(device: torch.device, amp: bool) -> Tuple[Optional[torch.dt
                   f'slower than float32 on this CPU (no bfloat16 units), so it stays float32')
 
 
+def first_line(error: Exception, limit: int = 300) -> str:
+    """The first line of an error's message, cut to ``limit`` characters (torch's
+    messages can hold a whole graph on one line)."""
+    line = (str(error).strip().splitlines() or [''])[0]
+    return line if len(line) <= limit else line[:limit] + ' ...'
+
+
 def autocast_features(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Run ``model.extract_feat`` (backbone and neck) under CPU autocast to ``dtype`` and
     hand its maps on in float32: the heads' mmcv ops (NMS, RoIAlign) have no bfloat16 CPU
@@ -247,9 +254,8 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
     try:
         times = time_runs(run, repeats, sync)
     except Exception as error:  # any failure inside the model, told in one line
-        message = str(error).strip().splitlines()[0] if str(error).strip() else ''
         raise InferenceError(f'{name}: inference on {batch}x3x{shape[0]}x{shape[1]} failed: '
-                             f'{type(error).__name__}: {message}') from error
+                             f'{type(error).__name__}: {first_line(error)}') from error
     peak = memory.peak_mb()
     del model, data
     median = statistics.median(times)

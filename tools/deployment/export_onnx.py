@@ -52,7 +52,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmark import UsageError, build_model, load_model_config  # noqa: E402
+from benchmark import UsageError, build_model, first_line, load_model_config  # noqa: E402
 
 #: How close ONNX Runtime must come to PyTorch: this fraction of an output's largest value.
 TOLERANCE = 1e-4
@@ -165,9 +165,8 @@ def export(model: nn.Module, groups, shape: Tuple[int, int], opset: int, out: st
                               input_names=['image'], output_names=names,
                               dynamic_axes=dynamic_axes, opset_version=opset)
         except Exception as error:  # the exporter's many error types, told in one line
-            message = (str(error).strip().splitlines() or [''])[0]
             raise UsageError(f'torch.onnx.export failed at opset {opset}: '
-                             f'{type(error).__name__}: {message}') from error
+                             f'{type(error).__name__}: {first_line(error)}') from error
 
 
 def add_metadata(out: str, cfg, scope: str, groups) -> None:
