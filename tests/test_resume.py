@@ -9,7 +9,6 @@ import itertools
 import os
 import os.path as osp
 import subprocess
-import sys
 
 import pytest
 import torch
