@@ -6,6 +6,7 @@
 * :mod:`.atomic_save`: the runner's checkpoints appear whole or not at all;
 * :mod:`.cpu_processes`: gloo processes and thread counts without CUDA;
 * :mod:`.data_check`: a readable message when a config's data is missing;
+* :mod:`.data_errors`: data that exist but cannot be used, named in one message;
 * :mod:`.precision`: mixed precision chosen by what the machine runs fast;
 * :mod:`.readable_errors`: those messages print without a traceback in scripts;
 * :mod:`.download_timeout`: a checkpoint URL that never answers times out;
