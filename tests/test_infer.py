@@ -112,7 +112,8 @@ def test_json_boxes_equal_test_py_out(workspace, folder_run):
     """The same checkpoint on the same images: tools/test.py --out saves what infer.py's
     JSON holds (labels, scores, boxes in pixels of the input image)."""
     root, detector, _ = workspace
-    env = dict(os.environ, PYTHONWARNINGS='ignore')
+    # one thread, as the in-process inference (tests/conftest.py): the same sums in the same order
+    env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'test.py'), RETINANET, detector,
          '--out', 'test_out.pkl', '--work-dir', 'test_work_dir',
