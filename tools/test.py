@@ -55,6 +55,7 @@ def main(argv=None):
         if hook is None:
             sys.exit('--show/--show-dir need a visualization hook in default_hooks.')
         hook.draw = True
+        hook.interval = 1  # every image (mmseg's hook draws every 50th by default)
         if args.show:
             hook.show, hook.wait_time = True, args.wait_time
         if args.show_dir and scope == 'mmdet':
