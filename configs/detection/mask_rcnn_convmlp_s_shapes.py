@@ -47,7 +47,8 @@ test_evaluator = val_evaluator
 
 max_epochs = 3
 train_cfg = dict(max_epochs=max_epochs, val_interval=1)
-# float32: mmcv's RoIAlign has no bfloat16 CPU kernel, so no BF16AutocastOptimWrapper here.
+# float32 on every CPU: mmcv's CPU RoIAlign and NMS have no bfloat16 kernels, so this demo
+# does not use MixedPrecisionOptimWrapper.
 # The RetinaNet demo's learning rate; `fused` only changes how AdamW's update is computed.
 optim_wrapper = dict(optimizer=dict(lr=1e-3, fused=True),
                      clip_grad=dict(max_norm=10, norm_type=2))

@@ -3,8 +3,9 @@
 # Against the paper's ADE20K config this changes the data (background + 4 shape categories,
 # 96x96 images), the input size and the schedule only. The model is the same but for the
 # number of classes, BN instead of SyncBN in the head (one process) and the ImageNet
-# initialisation (nothing is downloaded: the backbone starts from scratch). The training
-# steps run in bfloat16 autocast (mmconvmlp.engine); validation runs in float32.
+# initialisation (nothing is downloaded: the backbone starts from scratch). Training runs in
+# bfloat16 where the CPU has bfloat16 units and in float32 where it would only emulate them
+# (MixedPrecisionOptimWrapper, mmconvmlp/engine/precision.py); validation runs in float32.
 _base_ = './fpn_convmlp_s_ade20k.py'
 
 custom_imports = dict(imports=['mmconvmlp', 'mmconvmlp.engine'], allow_failed_imports=False)
