@@ -26,7 +26,6 @@ not models, but bounds on what the step could cost if those layers were free.
 import argparse
 import contextlib
 import copy
-import platform
 import statistics
 import sys
 import time
@@ -35,6 +34,7 @@ from typing import Callable, List, Tuple
 import torch
 
 from mmconvmlp.engine.precision import cpu_bfloat16_speed
+from mmconvmlp.machine import cpu_model
 from mmconvmlp.models import ConvMLP, layouts
 from mmconvmlp.testing import ReferenceConvMLP
 
@@ -91,18 +91,6 @@ def without(model: torch.nn.Module, layer_types: Tuple[type, ...]) -> torch.nn.M
             if isinstance(child, layer_types):
                 setattr(parent, name, torch.nn.Identity())
     return model
-
-
-def cpu_model() -> str:
-    """The CPU's model name, from /proc/cpuinfo where there is one."""
-    try:
-        with open('/proc/cpuinfo') as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def machine_header(device: torch.device) -> str:

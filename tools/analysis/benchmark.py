@@ -33,7 +33,6 @@ import importlib.util
 import logging
 import os
 import os.path as osp
-import platform
 import re
 import statistics
 import sys
@@ -46,6 +45,8 @@ ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
+
+from mmconvmlp.machine import cpu_model  # noqa: E402
 
 #: Environment variables that limit the instruction sets PyTorch, oneDNN and MKL use.
 ISA_VARIABLES = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
@@ -269,17 +270,6 @@ def device_description(device: torch.device) -> str:
     limits = ', '.join(f'{v}={os.environ[v]}' for v in ISA_VARIABLES if os.environ.get(v))
     return (f'cpu ({cpu_model()}; PyTorch kernels {torch.backends.cpu.get_cpu_capability()}'
             f'{"; " + limits if limits else ""}), {torch.get_num_threads()} threads')
-
-
-def cpu_model() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            found = re.search(r'^model name\s*:\s*(.+)$', f.read(), re.MULTILINE)
-        if found:
-            return found.group(1).strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def parse_device(text: str) -> torch.device:
