@@ -1,5 +1,14 @@
-"""What machine this is, for the headers of the benchmark tools."""
+"""What machine this is, for the headers of the benchmark tools, and how to hold a CPU to
+AVX2 to stand in for an AVX2-only one."""
+import os
 import platform
+
+import torch
+
+#: Environment that keeps PyTorch's kernels, oneDNN and MKL within AVX2 (and so without
+#: bfloat16 units) on a CPU with AVX-512; set before the process starts.
+AVX2_ONLY = {'ATEN_CPU_CAPABILITY': 'avx2', 'ONEDNN_MAX_CPU_ISA': 'AVX2',
+             'MKL_ENABLE_INSTRUCTIONS': 'AVX2'}
 
 
 def cpu_model() -> str:
@@ -12,3 +21,21 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or 'unknown CPU'
+
+
+def describe_device(device: torch.device) -> str:
+    """One line: the GPU's name, or the CPU's model, the instruction set PyTorch's kernels
+    use (with any instruction-set limits set in the environment), whether bfloat16 is native
+    (by :func:`~mmconvmlp.engine.precision.cpu_bfloat16_speed`'s probe) and the threads."""
+    if device.type == 'cuda':
+        return (f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, '
+                f'torch {torch.__version__})')
+    from mmconvmlp.engine.precision import cpu_bfloat16_speed
+    limits = ', '.join(f'{name}={os.environ[name]}' for name in AVX2_ONLY
+                       if os.environ.get(name))
+    speed = cpu_bfloat16_speed()
+    bf16 = (f'native ({1 / speed:.1f}x float32 in a probe)' if speed < 1 else
+            f'emulated ({speed:.0f}x slower than float32 in a probe)')
+    return (f'{cpu_model()}; instruction set {torch.backends.cpu.get_cpu_capability()}'
+            f'{" (" + limits + ")" if limits else ""}; bfloat16 {bf16}; '
+            f'{torch.get_num_threads()} threads; torch {torch.__version__}')

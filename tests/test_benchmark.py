@@ -8,6 +8,8 @@ import re
 import pytest
 import torch
 
+from mmconvmlp.machine import cpu_model, describe_device
+
 ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 spec = importlib.util.spec_from_file_location(
     'benchmark', osp.join(ROOT, 'tools/analysis/benchmark.py'))
@@ -26,8 +28,9 @@ def test_a_row_per_config_with_its_figures(capsys):
     header = out.split('| config')[0]
     assert ('on 2x3x64x64 synthetic images, random weights (no checkpoint loaded or '
             'downloaded); median of 2 runs') in header
-    assert f'device: cpu ({benchmark.cpu_model()}; PyTorch kernels ' in header
-    assert f'{torch.get_num_threads()} threads; precision: float32' in header
+    assert f'device: cpu, {cpu_model()}; instruction set ' in header
+    assert f'; {torch.get_num_threads()} threads; torch {torch.__version__}' in header
+    assert 'precision: float32' in header
     rows = [line.strip('|').split('|') for line in out.splitlines()
             if line.startswith('| ') and not line.startswith('| config')]
     assert [cells[0].strip() for cells in rows] == [
@@ -37,6 +40,17 @@ def test_a_row_per_config_with_its_figures(capsys):
         assert 0 < low <= median <= high
         assert float(img_per_s) == pytest.approx(2000 / median, rel=0.01, abs=0.01)
         assert float(memory) > 100  # the process's peak RSS, torch and the model included
+
+
+def test_the_header_names_instruction_set_limits(monkeypatch):
+    monkeypatch.delenv('ATEN_CPU_CAPABILITY', raising=False)
+    monkeypatch.delenv('MKL_ENABLE_INSTRUCTIONS', raising=False)
+    monkeypatch.setenv('ONEDNN_MAX_CPU_ISA', 'AVX2')
+    line = describe_device(torch.device('cpu'))
+    assert f'instruction set {torch.backends.cpu.get_cpu_capability()} ' \
+           f'(ONEDNN_MAX_CPU_ISA=AVX2); bfloat16 ' in line
+    monkeypatch.delenv('ONEDNN_MAX_CPU_ISA')
+    assert '(ONEDNN' not in describe_device(torch.device('cpu'))
 
 
 def test_peak_memory_is_that_since_the_reset():

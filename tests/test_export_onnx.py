@@ -93,7 +93,7 @@ def write_model(kind: str, folder) -> SimpleNamespace:
         f"test_dataloader = dict(dataset=dict(pipeline=[dict(type='LoadImageFromFile'), "
         f"{resize}, {PACK[kind]}]))\n")
     cfg, scope = export_onnx.load_model_config(str(config_path))
-    model = randomize_(export_onnx.build_model(cfg, torch.device('cpu')))
+    model = randomize_(export_onnx.build_eval_model(cfg, torch.device('cpu')))
     if kind == 'retinanet':
         moderate_head(model)
     checkpoint = folder / f'{kind}.pth'

@@ -17,11 +17,9 @@ from mmengine.registry import OPTIM_WRAPPERS
 from mmconvmlp.engine import precision
 from mmconvmlp.engine.precision import (BF16AutocastOptimWrapper, choose_cpu_precision,
                                         use_amp)
+from mmconvmlp.machine import AVX2_ONLY
 
 NATIVE, EMULATED = 0.55, 180.
-
-AVX2_ONLY = dict(ATEN_CPU_CAPABILITY='avx2', ONEDNN_MAX_CPU_ISA='AVX2',
-                 MKL_ENABLE_INSTRUCTIONS='AVX2')
 
 
 @pytest.fixture

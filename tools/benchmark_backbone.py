@@ -34,7 +34,7 @@ from typing import Callable, List, Tuple
 import torch
 
 from mmconvmlp.engine.precision import cpu_bfloat16_speed
-from mmconvmlp.machine import cpu_model
+from mmconvmlp.machine import describe_device
 from mmconvmlp.models import ConvMLP, layouts
 from mmconvmlp.testing import ReferenceConvMLP
 
@@ -94,15 +94,11 @@ def without(model: torch.nn.Module, layer_types: Tuple[type, ...]) -> torch.nn.M
 
 
 def machine_header(device: torch.device) -> str:
-    """What the timings were taken on, in a few lines."""
+    """What the timings were taken on: the device and, on a CPU, where mmconvmlp computes
+    convolution weight gradients."""
     if device.type == 'cuda':
-        return (f'{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda}, '
-                f'torch {torch.__version__})')
-    speed = cpu_bfloat16_speed()
-    bf16 = (f'native ({1 / speed:.1f}x float32 in a probe)' if speed < 1 else
-            f'emulated ({speed:.0f}x slower than float32 in a probe)')
-    return (f'{cpu_model()}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}\n'
-            f'instruction set: {torch.backends.cpu.get_cpu_capability()}; bfloat16: {bf16}; '
+        return describe_device(device)
+    return (f'{describe_device(device)}\n'
             f'conv weight gradients (training): {layouts.weight_grad_layout()}')
 
 

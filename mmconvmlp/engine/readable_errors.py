@@ -13,6 +13,18 @@ class ReadableError(Exception):
     unreadable checkpoints): their message names the file and what to do about it."""
 
 
+class UsageError(ReadableError):
+    """A problem with a tool's command line or a config: the tools print it in one line
+    and exit with status 1."""
+
+
+def first_line(error: Exception, limit: int = 300) -> str:
+    """The first line of an error's message, cut to ``limit`` characters (torch's
+    messages can hold a whole graph on one line)."""
+    line = (str(error).strip().splitlines() or [''])[0]
+    return line if len(line) <= limit else line[:limit] + ' ...'
+
+
 def _print_readable_errors(previous_hook):
     def hook(kind, error, traceback):
         if isinstance(error, ReadableError):

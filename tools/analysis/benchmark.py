@@ -29,15 +29,12 @@ kernels).
 """
 import argparse
 import gc
-import importlib.util
 import logging
-import os
 import os.path as osp
 import re
 import statistics
 import sys
 import time
-import warnings
 from contextlib import nullcontext
 from typing import Callable, List, Optional, Tuple
 
@@ -46,82 +43,16 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from mmconvmlp.machine import cpu_model  # noqa: E402
+from mmconvmlp.config_models import build_eval_model, load_model_config  # noqa: E402
+from mmconvmlp.engine.readable_errors import UsageError, first_line  # noqa: E402
+from mmconvmlp.machine import describe_device  # noqa: E402
 
-#: Environment variables that limit the instruction sets PyTorch, oneDNN and MKL use.
-ISA_VARIABLES = ('ATEN_CPU_CAPABILITY', 'ONEDNN_MAX_CPU_ISA', 'MKL_ENABLE_INSTRUCTIONS')
-#: The base class of the models each config scope may build: (module, class name).
-BASE_CLASSES = {'mmdet': ('mmdet.models.detectors', 'BaseDetector'),
-                'mmseg': ('mmseg.models.segmentors', 'BaseSegmentor')}
 #: Smallest image side: every model here downsamples by 32 and pads to a multiple of it.
 MIN_SIDE = 32
 
 
-class UsageError(Exception):
-    """A problem with the command line or a config, told in one line."""
-
-
 class InferenceError(UsageError):
     """A model that fails to run; the other configs are still timed."""
-
-
-def resolve_config(name: str) -> str:
-    """The file of ``name``: a path, or ``package::relative/path.py`` inside an installed
-    OpenMMLab package (its ``.mim/configs`` folder, as ``_base_`` resolves it)."""
-    if '::' in name:
-        package, _, relative = name.partition('::')
-        spec = importlib.util.find_spec(package) if package.isidentifier() else None
-        if spec is None or spec.origin is None:
-            raise UsageError(f'{name}: no installed package {package!r} to take the '
-                             f'config from (write e.g. mmdet::retinanet/FILE.py).')
-        path = osp.join(osp.dirname(spec.origin), '.mim', 'configs', relative)
-    else:
-        path = name
-    if not osp.isfile(path):
-        raise UsageError(f'{name}: no such config file ({path}).')
-    return path
-
-
-def load_model_config(name: str):
-    """``(Config, scope)`` of an mmdet detector or mmseg segmentor config; nothing is built
-    yet."""
-    from mmengine.config import Config
-    from mmengine.registry import DefaultScope
-    path = resolve_config(name)
-    try:
-        cfg = Config.fromfile(path)
-    except Exception as error:  # a config is Python: any error may come out of it
-        raise UsageError(f'{name}: the config does not load: {error}') from error
-    scope = cfg.get('default_scope')
-    if scope not in BASE_CLASSES:
-        raise UsageError(f'{name}: default_scope is {scope!r}; only mmdet detector and mmseg '
-                         f'segmentor configs can be used.')
-    if not isinstance(cfg.get('model'), dict) or 'type' not in cfg.model:
-        raise UsageError(f'{name}: the config has no model with a type.')
-    module, base_name = BASE_CLASSES[scope]
-    base_class = getattr(importlib.import_module(module), base_name)
-    with DefaultScope.overwrite_default_scope(scope):
-        model_class = importlib.import_module(f'{scope}.registry').MODELS.get(cfg.model.type)
-    if model_class is None:
-        raise UsageError(f'{name}: model type {cfg.model.type!r} is not registered in '
-                         f'{scope}.')
-    if not (isinstance(model_class, type) and issubclass(model_class, base_class)):
-        raise UsageError(f'{name}: its model {cfg.model.type!r} is not an {scope} '
-                         f'{base_name}; give a detector or segmentor config.')
-    return cfg, scope
-
-
-def build_model(cfg, device: torch.device) -> torch.nn.Module:
-    """The config's model in eval mode on ``device``, with random weights: ``init_weights``
-    is not called, so no pretrained checkpoint named in the config is downloaded or loaded.
-    SyncBN layers become plain BatchNorm (the same in eval mode, and no process group)."""
-    from mmengine.model import revert_sync_batchnorm
-
-    from mmconvmlp.config_models import build_config_model
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # deprecation notes of stock models' arguments
-        model = build_config_model(cfg)
-    return revert_sync_batchnorm(model).to(device).eval()
 
 
 def synthetic_batch(scope: str, batch: int, height: int, width: int) -> dict:
@@ -200,13 +131,6 @@ def choose_precision(device: torch.device, amp: bool) -> Tuple[Optional[torch.dt
                   f'slower than float32 on this CPU (no bfloat16 units), so it stays float32')
 
 
-def first_line(error: Exception, limit: int = 300) -> str:
-    """The first line of an error's message, cut to ``limit`` characters (torch's
-    messages can hold a whole graph on one line)."""
-    line = (str(error).strip().splitlines() or [''])[0]
-    return line if len(line) <= limit else line[:limit] + ' ...'
-
-
 def autocast_features(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Run ``model.extract_feat`` (backbone and neck) under CPU autocast to ``dtype`` and
     hand its maps on in float32: the heads' mmcv ops (NMS, RoIAlign) have no bfloat16 CPU
@@ -238,7 +162,7 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
               ) -> dict:
     """Build one model and time ``test_step``; returns the figures of its row."""
     from mmengine.registry import DefaultScope
-    model = build_model(cfg, device)
+    model = build_eval_model(cfg, device)
     data = synthetic_batch(scope, batch, *shape)
     autocast = nullcontext()
     if dtype == torch.bfloat16:
@@ -262,14 +186,6 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
     median = statistics.median(times)
     return dict(config=osp.basename(name), img_per_s=batch / median, median_ms=median * 1e3,
                 min_ms=min(times) * 1e3, max_ms=max(times) * 1e3, memory_mb=peak)
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == 'cuda':
-        return f'{device} ({torch.cuda.get_device_name(device)})'
-    limits = ', '.join(f'{v}={os.environ[v]}' for v in ISA_VARIABLES if os.environ.get(v))
-    return (f'cpu ({cpu_model()}; PyTorch kernels {torch.backends.cpu.get_cpu_capability()}'
-            f'{"; " + limits if limits else ""}), {torch.get_num_threads()} threads')
 
 
 def parse_device(text: str) -> torch.device:
@@ -326,8 +242,7 @@ def main(argv=None) -> None:
               f'head, post-processing) on {args.batch}x3x{height}x{width} synthetic images, '
               f'random weights (no checkpoint loaded or downloaded); median of '
               f'{args.repeats} runs after an untimed one.\n'
-              f'device: {device_description(device)}; precision: {precision}; '
-              f'torch {torch.__version__}\n')
+              f'device: {device}, {describe_device(device)}\nprecision: {precision}\n')
         print(f'| config | img/s | latency ms, median (min-max) | {memory.kind} MB |')
         print('|---|---|---|---|')
         failures = []

@@ -45,14 +45,14 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
 sys.path.insert(0, ROOT)
-sys.path.insert(0, osp.join(ROOT, 'tools', 'analysis'))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from benchmark import UsageError, build_model, first_line, load_model_config  # noqa: E402
+from mmconvmlp.config_models import build_eval_model, load_model_config  # noqa: E402
+from mmconvmlp.engine.readable_errors import UsageError, first_line  # noqa: E402
 
 #: How close ONNX Runtime must come to PyTorch: this fraction of an output's largest value.
 TOLERANCE = 1e-4
@@ -355,7 +355,7 @@ def main(argv=None) -> None:
                              f'onnxruntime (tools/setup_env.sh installs both).')
         from mmengine.registry import DefaultScope
         cfg, scope = load_model_config(args.config)
-        model = build_model(cfg, torch.device('cpu'))
+        model = build_eval_model(cfg, torch.device('cpu'))
         check_exportable(model)
         load_weights(model, args.checkpoint)
         with torch.no_grad():
