@@ -1,7 +1,10 @@
-"""What machine this is, for the headers of the benchmark tools, and how to hold a CPU to
-AVX2 to stand in for an AVX2-only one."""
+"""What machine this is, for the headers of the benchmark tools, how to hold a CPU to AVX2
+to stand in for an AVX2-only one, and the clock of the probes that choose by what the CPU
+does (:mod:`mmconvmlp.engine.precision`, :mod:`mmconvmlp.models.layouts`)."""
 import os
 import platform
+import time
+from typing import Callable
 
 import torch
 
@@ -39,3 +42,17 @@ def describe_device(device: torch.device) -> str:
     return (f'{cpu_model()}; instruction set {torch.backends.cpu.get_cpu_capability()}'
             f'{" (" + limits + ")" if limits else ""}; bfloat16 {bf16}; '
             f'{torch.get_num_threads()} threads; torch {torch.__version__}')
+
+
+def best_thread_time(fn: Callable[[], object], repeats: int) -> float:
+    """The shortest CPU time of the calling thread over ``repeats`` calls of ``fn``, after
+    one untimed call (kernel selection, weight reorders and other one-off costs). CPU time
+    rather than wall-clock time, so that other processes on a busy machine count less; call
+    it with one torch thread, or the work of the others is not counted."""
+    fn()
+    best = float('inf')
+    for _ in range(repeats):
+        start = time.thread_time()
+        fn()
+        best = min(best, time.thread_time() - start)
+    return best

@@ -15,16 +15,17 @@ forces a choice (``--cfg-options optim_wrapper.precision=float32``); forcing bfl
 the probe finds it emulated warns how much slower it measured.
 """
 import functools
-import time
 import warnings
 from contextlib import contextmanager
-from typing import Callable, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 from mmengine.logging import print_log
 from mmengine.optim import AmpOptimWrapper, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
+
+from ..machine import best_thread_time
 
 PRECISIONS = ('auto', 'bfloat16', 'float16', 'float32')
 
@@ -46,22 +47,13 @@ class BF16AutocastOptimWrapper(OptimWrapper):
             yield
 
 
-def _best_time(fn: Callable[[], torch.Tensor], repeats: int = 5) -> float:
-    fn()  # one-off costs (kernel selection, weight reorders) outside the timing
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
-
-
 @functools.lru_cache(maxsize=None)
 def cpu_bfloat16_speed() -> float:
     """How many times longer a small convolution (2x64x24x24, 3x3) plus a 256x256 matrix
     product take under bfloat16 autocast than in float32 on this CPU: about 0.1-0.6 where the
-    CPU has bfloat16 units, 4-15 where it emulates them. Best of 5 runs on one thread (with
-    several, a thread that the OS delays on a busy machine would swamp kernels this short);
+    CPU has bfloat16 units, 3-15 where it emulates them. Best of 5 runs by CPU time on one
+    thread (with several, a thread that the OS delays on a busy machine would swamp kernels
+    this short);
     a few milliseconds, about 100 ms where bfloat16 is emulated; measured once per process."""
     gen = torch.Generator().manual_seed(0)
     image = torch.randn(2, 64, 24, 24, generator=gen).contiguous(
@@ -82,7 +74,7 @@ def cpu_bfloat16_speed() -> float:
     torch.set_num_threads(1)
     try:
         with torch.no_grad():
-            return _best_time(work_bf16) / _best_time(work)
+            return best_thread_time(work_bf16, 5) / best_thread_time(work, 5)
     finally:
         torch.set_num_threads(threads)
 
