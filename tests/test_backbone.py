@@ -118,9 +118,9 @@ def record_band_runs(monkeypatch) -> list:
     monkeypatch.setattr(row_bands, 'BAND_BYTES', 1)
     runs = []
     for kind, name in (('rows', 'run_in_bands'), ('pixels', 'run_pixels_in_bands')):
-        def recorded(*args, kind=kind, run=getattr(convmlp, name)):
+        def recorded(*args, kind=kind, run=getattr(convmlp, name), **kwargs):
             runs.append(kind)
-            return run(*args)
+            return run(*args, **kwargs)
         monkeypatch.setattr(convmlp, name, recorded)
     return runs
 

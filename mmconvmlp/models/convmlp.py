@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused_linear import linear_add, linear_gelu
 from .layouts import conv2d, transpose_images
 from .row_bands import (ChainRows, ConvRows, MaxPoolRows, ResidualRows, RowOp, run_in_bands,
                         run_pixels_in_bands)
@@ -256,6 +257,11 @@ class ChannelMLP(nn.Module):
     def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
 
+    def added_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``residual + mlp(x)`` for (N, C) matrices, with the GELU and the sum inside the
+        products' calls (:mod:`.fused_linear`); for inference."""
+        return linear_add(linear_gelu(x, self.fc1), self.fc2, residual)
+
 
 class ConvMLPBlock(nn.Module):
     """(B, H, W, C) -> (B, H, W, C): channel MLP, 3x3 depthwise conv, channel MLP, each
@@ -272,9 +278,24 @@ class ConvMLPBlock(nn.Module):
         self.drop_path = ResidualDropPath(drop_path)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if may_run_in_bands(self, x) and not self.drop_path.drops():
+            return self.infer_in_bands(x)
         x = self.drop_path(x, self.channel_mlp1(self.norm1(x)))
         x = channels_last_conv(self.connect, self.connect_norm(x))
         return self.drop_path(x, self.channel_mlp2(self.norm2(x)))
+
+    def infer_in_bands(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`forward` without stochastic depth, each channel MLP a band of pixels at a
+        time together with its LayerNorm and residual sum (the first also with the
+        depthwise conv's LayerNorm), so that of these only the sums reach memory; the
+        second MLP's sum overwrites the depthwise conv's fresh output."""
+        mlp1, mlp2 = self.channel_mlp1, self.channel_mlp2
+        hidden = mlp1.fc1.out_features
+        x = run_pixels_in_bands(
+            lambda band: self.connect_norm(mlp1.added_to(band, self.norm1(band))), x, hidden)
+        x = channels_last_conv(self.connect, x)
+        return run_pixels_in_bands(lambda band: mlp2.added_to(band, self.norm2(band)), x,
+                                   mlp2.fc1.out_features, in_place=True)
 
 
 class ResidualDropPath(nn.Module):
@@ -286,8 +307,12 @@ class ResidualDropPath(nn.Module):
         super().__init__()
         self.drop_prob = drop_prob
 
+    def drops(self) -> bool:
+        """Whether :meth:`forward` may drop branches (training with a rate above 0)."""
+        return self.training and self.drop_prob > 0.
+
     def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.:
+        if not self.drops():
             return add_residual(x, branch)
         keep_prob = 1. - self.drop_prob
         mask_shape = (x.shape[0],) + (1,) * (x.dim() - 1)

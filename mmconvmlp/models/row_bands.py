@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .fused_linear import fuses, linear_relu
+
 #: Bytes of output a band of rows aims at (its intermediates are then a few times that), and
 #: bytes of the widest intermediate a band of pixels aims at.
 BAND_BYTES = 2 << 20
@@ -29,9 +31,9 @@ BAND_BYTES = 2 << 20
 class RowOp:
     """A map from (B, C, H, W) to (B, C', H', W') whose output rows ``[lo, hi)`` depend on
     input rows ``[lo * stride - pad, (hi - 1) * stride - pad + size)`` only. Rows outside the
-    input read as ``fill``."""
+    input read as the op's padding (``fill``); ``max_pad`` is the most padding it takes."""
 
-    size, stride, pad, fill = 1, 1, 0, 0.
+    size, stride, pad, fill, max_pad = 1, 1, 0, 0., float('inf')
 
     def out_size(self, n: int) -> int:
         return (n + 2 * self.pad - self.size) // self.stride + 1
@@ -46,15 +48,26 @@ class RowOp:
              ) -> torch.Tensor:
         """Output rows ``[lo, hi)``, from a ``band`` that holds rows ``[first, first +
         band rows)`` of an input map ``height`` rows high, including those rows of
-        :meth:`input_rows` that lie inside the map."""
+        :meth:`input_rows` that lie inside the map.
+
+        Inside the map the op runs without padding along the height. Where the rows reach
+        past the top or bottom edge it runs with its own padding on both sides instead of on
+        a padded copy: as much as puts an output row's window on ``lo``'s (the output rows
+        before it, ``skip``, and after ``hi`` are dropped). Only where that is more than the
+        op takes (max-pooling at the bottom edge) does it pad a copy."""
         top, bottom = self.input_rows(lo, hi)
         x = band[:, :, max(top, 0) - first:min(bottom, height) - first]
-        if top < 0 or bottom > height:
-            x = F.pad(x, (0, 0, max(-top, 0), max(bottom - height, 0)), value=self.fill)
-        return self.apply(x)
+        if top >= 0 and bottom <= height:
+            return self.apply(x, 0)
+        skip = lo if top < 0 else -(-self.pad // self.stride)
+        row_pad = self.pad if top < 0 else skip * self.stride
+        if row_pad > self.max_pad:
+            return self.apply(F.pad(x, (0, 0, 0, bottom - height), value=self.fill), 0)
+        return self.apply(x, row_pad)[:, :, skip:skip + hi - lo]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """The op on rows padded as needed: no padding is added along the height."""
+    def apply(self, x: torch.Tensor, row_pad: int) -> torch.Tensor:
+        """The op on the rows ``x``, with ``row_pad`` rows of padding above and below (and its
+        own padding across)."""
         raise NotImplementedError
 
 
@@ -71,8 +84,13 @@ class ConvRows(RowOp):
     def out_channels(self, channels: int) -> int:
         return self.weight.shape[0]
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.conv2d(x, self.weight, self.bias, self.stride, (0, self.pad), 1, self.groups)
+    def apply(self, x: torch.Tensor, row_pad: int) -> torch.Tensor:
+        if self.relu and self.size == 1 and self.stride == 1 and self.groups == 1 \
+                and fuses(x):  # a matrix product per pixel, with the ReLU in its call
+            return linear_relu(x.permute(0, 2, 3, 1), self.weight.flatten(1),
+                               self.bias).permute(0, 3, 1, 2)
+        x = F.conv2d(x, self.weight, self.bias, self.stride, (row_pad, self.pad), 1,
+                     self.groups)
         return x.relu_() if self.relu else x
 
 
@@ -84,10 +102,11 @@ class MaxPoolRows(RowOp):
     def __init__(self, pool: nn.MaxPool2d, relu: bool):
         assert isinstance(pool.kernel_size, int) and pool.dilation == 1 and not pool.ceil_mode
         self.size, self.stride, self.pad = pool.kernel_size, pool.stride, pool.padding
+        self.max_pad = pool.kernel_size // 2
         self.relu = relu
 
-    def apply(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.max_pool2d(x, self.size, self.stride, (0, self.pad))
+    def apply(self, x: torch.Tensor, row_pad: int) -> torch.Tensor:
+        x = F.max_pool2d(x, self.size, self.stride, (row_pad, self.pad))
         return x.relu_() if self.relu else x
 
 
@@ -165,17 +184,20 @@ def run_in_bands(op: RowOp, x: torch.Tensor) -> torch.Tensor:
 
 
 def run_pixels_in_bands(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                        inner_channels: int) -> torch.Tensor:
+                        inner_channels: int, in_place: bool = False) -> torch.Tensor:
     """``fn(x)`` for a ``fn`` of each pixel's channels (a channel MLP) and a (..., C) tensor
     ``x``, computed a band of pixels at a time; ``inner_channels`` is the width of ``fn``'s
-    widest intermediate, which a band keeps to about :data:`BAND_BYTES`."""
+    widest intermediate, which a band keeps to about :data:`BAND_BYTES`. With ``in_place``
+    (for a ``fn`` that keeps the width and an ``x`` that nothing else reads) each band's
+    result overwrites its own pixels of ``x`` instead of going to fresh memory."""
     pixels = x.reshape(-1, x.shape[-1])
     step = max(1, BAND_BYTES // (inner_channels * x.element_size()))
-    first = fn(pixels[:step])
-    if step >= len(pixels):
-        return first.view(*x.shape[:-1], first.shape[-1])
-    out = first.new_empty(len(pixels), first.shape[-1])
-    out[:step] = first
-    for lo in range(step, len(pixels), step):
-        out[lo:lo + step] = fn(pixels[lo:lo + step])
+    out = pixels if in_place else None
+    for lo in range(0, len(pixels), step):
+        band = fn(pixels[lo:lo + step])
+        if out is None:
+            if step >= len(pixels):
+                return band.view(*x.shape[:-1], band.shape[-1])
+            out = band.new_empty(len(pixels), band.shape[-1])
+        out[lo:lo + step] = band
     return out.view(*x.shape[:-1], out.shape[-1])
