@@ -9,6 +9,7 @@ from mmengine.registry import MODELS
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .compiled import compiled_taps_if, taps
 from .convmlp import NUM_PARTS, NUM_TAPS, ConvMLPFeatures, channels_first
 from .weights import load_convmlp_weights, select_prefix, unwrap_state_dict
 
@@ -49,6 +50,9 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
             rise linearly from 0 to it, as in the authors' models.
         with_cp: recompute the blocks in the backward pass instead of storing their
             activations (less memory, same outputs and gradients).
+        compile: run the network through ``torch.compile`` (see
+            :mod:`mmconvmlp.models.compiled`); where compiling fails, it warns once and runs
+            eager. Same parameter names and results (to rounding) as without.
         init_cfg: e.g. ``dict(type='Pretrained', checkpoint=PATH_OR_URL)`` for the authors'
             ImageNet checkpoints, or with ``prefix='backbone.'`` for a detector's or
             segmentor's. The classifier is ignored; any other mismatch raises, by name.
@@ -62,6 +66,7 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
                  norm_cfg: Mapping = dict(type='BN', requires_grad=True),
                  drop_path_rate: float = 0.1,
                  with_cp: bool = False,
+                 compile: bool = False,
                  init_cfg: Optional[Union[Mapping, Sequence[Mapping]]] = None):
         if not (isinstance(frozen_stages, int) and not isinstance(frozen_stages, bool)
                 and -1 <= frozen_stages < NUM_PARTS):
@@ -75,6 +80,7 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
         self.init_cfg = copy.deepcopy(init_cfg)
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.compiled_taps = compiled_taps_if(compile, type(self).__name__)
         self._freeze_parts()
 
     @property
@@ -86,7 +92,7 @@ class ConvMLP(ConvMLPFeatures, BaseModule):
         """(B, 3, H, W) -> the selected maps, contiguous (B, C_i, ceil(H/s_i), ceil(W/s_i))
         for strides s = 4, 8, 16, 32. Parts after the last selected map are not run."""
         return tuple(channels_first(tap) for index, tap in
-                     self.forward_taps(x, last=self.out_indices[-1])
+                     taps(self, self.compiled_taps, x, last=self.out_indices[-1])
                      if index in self.out_indices)
 
     def _freeze_parts(self) -> None:

@@ -34,6 +34,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from .compiled import compiled_taps_if, taps
 from .convmlp import NUM_TAPS, ConvMLPFeatures, NormLayer, channels_first, init_from_scratch
 
 __all__ = ['ConvMLPClassifier', 'TAP_MODULES', 'TAP_REDUCTIONS', 'CHECKPOINT_URLS',
@@ -83,13 +84,17 @@ class ConvMLPClassifier(ConvMLPFeatures):
         drop_rate: dropout before the classifier.
         drop_path_rate: the largest stochastic-depth rate (per stage, rising from 0).
         norm_layer: the BatchNorm layer of the convolutional parts.
+        compile: run the network (not the head) through ``torch.compile``, see
+            :mod:`mmconvmlp.models.compiled`; where compiling fails, it warns once and runs
+            eager.
     """
 
     def __init__(self, arch: Union[str, Dict] = 's', num_classes: int = 1000, in_chans: int = 3,
                  global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.1,
-                 norm_layer: Optional[NormLayer] = None):
+                 norm_layer: Optional[NormLayer] = None, compile: bool = False):
         super().__init__(arch, drop_path_rate=drop_path_rate,
                          norm_layer=norm_layer or nn.BatchNorm2d, in_chans=in_chans)
+        self.compiled_taps = compiled_taps_if(compile, type(self).__name__)
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f'ConvMLP global_pool={global_pool!r}: use one of {GLOBAL_POOLS}.')
         width = self.tap_channels[-1]
@@ -131,7 +136,7 @@ class ConvMLPClassifier(ConvMLPFeatures):
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> the normalised last stage, (B, H/32, W/32, D2)."""
-        for _, tap in self.forward_taps(x, last=self._last_tap):
+        for _, tap in taps(self, self.compiled_taps, x, last=self._last_tap):
             pass
         return self.norm(tap.permute(0, 2, 3, 1))
 
@@ -172,7 +177,7 @@ class ConvMLPClassifier(ConvMLPFeatures):
                              f'computes taps 0..{self._last_tap}.')
         last = max_index if (stop_early or intermediates_only) else self._last_tap
         intermediates = []
-        for index, tap in self.forward_taps(x, last=last):
+        for index, tap in taps(self, self.compiled_taps, x, last=last):
             if index not in taken:
                 continue
             taken_map = tap
