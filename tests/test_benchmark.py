@@ -42,6 +42,23 @@ def test_a_row_per_config_with_its_figures(capsys):
         assert float(memory) > 100  # the process's peak RSS, torch and the model included
 
 
+
+def test_compile_compiles_each_backbone_and_reports_the_first_run(monkeypatch, capsys):
+    compiled = []
+
+    def compile_(fn, **kwargs):  # records what would be compiled, runs it as it is
+        compiled.append(fn.__qualname__)
+        return fn
+    monkeypatch.setattr(torch, 'compile', compile_)
+    benchmark.main([CONVMLP_SEGMENTOR, STOCK_DETECTOR, '--shape', '64', '64', '--repeats', '1',
+                    '--compile'])
+    out = capsys.readouterr().out
+    assert compiled == ['all_taps', 'ResNet.forward']  # ConvMLP's compile=True, the helper
+    assert 'backbone compiled (torch.compile' in out
+    rows = [line.strip('|').split('|') for line in out.splitlines() if line.startswith('| ')]
+    assert rows[0][-1].strip() == 'first run s'
+    assert all(float(cells[-1]) >= 0 for cells in rows[1:]) and len(rows) == 3
+
 def test_the_header_names_instruction_set_limits(monkeypatch):
     monkeypatch.delenv('ATEN_CPU_CAPABILITY', raising=False)
     monkeypatch.delenv('MKL_ENABLE_INSTRUCTIONS', raising=False)

@@ -11,7 +11,7 @@ from mmengine.registry import MODELS
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from mmconvmlp.models import ConvMLP
-from mmconvmlp.models.compiled import CompileFallbackWarning
+from mmconvmlp.models.compiled import CompileFallbackWarning, compile_forward
 
 #: Real widths would only lengthen inductor's compile; the code paths are the same.
 TINY = dict(blocks=(1, 1, 1), widths=(16, 32, 64), mlp_ratios=(2, 2, 2), stem_width=8,
@@ -184,3 +184,12 @@ def test_state_dict_copies_pickles_and_configs(counter):
             assert_close(clone(x), expected)
     with pytest.raises(ValueError, match="compile='yes' is invalid"):
         ConvMLP(compile='yes')
+
+
+def test_compile_forward_for_other_backbones(counter):
+    module = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU())
+    expected = module(torch.ones(1, 3, 8, 8))
+    compile_forward(module)
+    assert_close([module(torch.ones(1, 3, 8, 8))], [expected])
+    assert counter.frame_count == 1
+    assert list(module.state_dict()) == ['0.weight', '0.bias']

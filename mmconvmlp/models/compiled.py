@@ -3,7 +3,8 @@ with one warning and eager mode from then on where compiling fails.
 
 The compiled unit is :func:`all_taps` of a
 :class:`~mmconvmlp.models.convmlp.ConvMLPFeatures`, so parameter and buffer names, and hence
-state dicts and checkpoints, are those of the eager model.
+state dicts and checkpoints, are those of the eager model. :func:`compile_forward` does the
+same for any other module (the benchmarks compile other backbones with it).
 
 It compiles once per input size and grad mode (``dynamic=False``): torch 2.13's inductor
 fails on this network with symbolic sizes, in training always (pytorch/pytorch#185510:
@@ -13,8 +14,9 @@ meet those failures at the second size. Torch's limit on recompilations
 (``torch._dynamo.config.recompile_limit``, 8 by default) bounds how many sizes are
 compiled; further sizes run eager, and torch logs when.
 """
+import functools
 import warnings
-from typing import Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
@@ -28,54 +30,62 @@ class CompileFallbackWarning(RuntimeWarning):
 
 def all_taps(model: torch.nn.Module, x: torch.Tensor, last: int) -> Tuple[torch.Tensor, ...]:
     """Taps 0..``last`` of ``model.forward_taps(x, last)``: channels-last-memory
-    (B, C_i, H_i, W_i) maps, the unit that :class:`CompiledTaps` compiles."""
+    (B, C_i, H_i, W_i) maps, what ``compile=True`` compiles."""
     return tuple(tap for _, tap in model.forward_taps(x, last=last))
 
 
-class CompiledTaps:
-    """:func:`all_taps` compiled on first use, for static sizes (see the module docs).
+class CompiledCall:
+    """``fn`` compiled on first use, for static sizes (see the module docs).
 
     If compiling or running the compiled code raises while eager mode computes the same call
-    without error, the model warns once (:class:`CompileFallbackWarning`, naming ``owner``
-    and the compiler's reason) and runs eager from then on; an error eager mode raises too
-    is the input's, and is raised as eager mode raises it. Copies and pickles of a model start
+    without error, it warns once (:class:`CompileFallbackWarning`, naming ``owner`` and the
+    compiler's reason) and runs ``fn`` eagerly from then on; an error that eager mode raises
+    too is the input's, and is raised as eager mode raises it. Copies and pickles start
     uncompiled."""
 
-    def __init__(self, owner: str):
+    def __init__(self, fn: Callable, owner: str):
+        self.fn = fn
         self.owner = owner
         self.failed = False
         self._compiled: Optional[Callable] = None
 
-    def __call__(self, model: torch.nn.Module, x: torch.Tensor, last: int
-                 ) -> Tuple[torch.Tensor, ...]:
+    def __call__(self, *args: Any) -> Any:
         if self.failed:
-            return all_taps(model, x, last)
+            return self.fn(*args)
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(all_taps, dynamic=False)
-            return self._compiled(model, x, last)
+                self._compiled = torch.compile(self.fn, dynamic=False)
+            return self._compiled(*args)
         except Exception as error:  # the compiler's own errors have no common base class
             reason = f'{type(error).__name__}: {first_line(error)}'
-        taps = all_taps(model, x, last)  # outside the except block: no chained traceback
+        result = self.fn(*args)  # outside the except block: no chained traceback
         self.failed = True
         warnings.warn(f'{self.owner}(compile=True): torch.compile failed ({reason}); running '
                       f'eager from now on.', CompileFallbackWarning, stacklevel=3)
-        return taps
+        return result
 
     def __getstate__(self) -> dict:
         return dict(self.__dict__, failed=False, _compiled=None)
 
 
-def compiled_taps_if(compile: bool, owner: str) -> Optional[CompiledTaps]:
-    """A :class:`CompiledTaps` for ``compile=True``, None for False; anything else raises
-    ``ValueError``."""
+def compiled_taps_if(compile: bool, owner: str) -> Optional[CompiledCall]:
+    """:func:`all_taps` as a :class:`CompiledCall` for ``compile=True``, None for False;
+    anything else raises ``ValueError``."""
     if not isinstance(compile, bool):
         raise ValueError(f'{owner} compile={compile!r} is invalid: give True (torch.compile) '
                          f'or False (eager, the default).')
-    return CompiledTaps(owner) if compile else None
+    return CompiledCall(all_taps, owner) if compile else None
 
 
-def taps(model: torch.nn.Module, compiled: Optional[CompiledTaps], x: torch.Tensor,
+def compile_forward(module: torch.nn.Module) -> torch.nn.Module:
+    """Route ``module``'s calls through a :class:`CompiledCall` of its class's ``forward``
+    (any backbone; a ConvMLP takes ``compile=True`` instead). Returns ``module``."""
+    compiled = CompiledCall(type(module).forward, type(module).__name__)
+    module.forward = functools.partial(compiled, module)
+    return module
+
+
+def taps(model: torch.nn.Module, compiled: Optional[CompiledCall], x: torch.Tensor,
          last: int) -> Iterator[Tuple[int, torch.Tensor]]:
     """``(index, map)`` for taps 0..``last``: ``model.forward_taps`` itself without
     ``compiled``, else the compiled taps."""

@@ -2,7 +2,7 @@
 configs, on synthetic images: no weights and no data needed.
 
     python tools/analysis/benchmark.py CONFIG [CONFIG ...] [--shape H W] [--batch N]
-        [--repeats N] [--amp] [--device D]
+        [--repeats N] [--amp] [--compile] [--device D]
 
     python tools/analysis/benchmark.py configs/detection/retinanet_convmlp_s_coco.py \\
         mmdet::retinanet/retinanet_r50_fpn_1x_coco.py --shape 800 1216 --repeats 3
@@ -25,7 +25,9 @@ the peak memory: on the CPU the process's peak resident set size during that con
 ``--amp``: float16 autocast on CUDA; on the CPU bfloat16 autocast of the backbone and neck
 where this CPU runs it fast (:func:`mmconvmlp.engine.precision.cpu_bfloat16_speed`), else
 float32, as the header says (the heads stay float32 there: mmcv's CPU ops have no bfloat16
-kernels).
+kernels). ``--compile`` compiles the backbone with ``torch.compile``: a ConvMLP through its
+``compile=True``, any other backbone with :func:`mmconvmlp.models.compiled.compile_forward`;
+the untimed run compiles, and its time (``first run s``) is reported apart.
 """
 import argparse
 import gc
@@ -144,25 +146,44 @@ def autocast_features(model: torch.nn.Module, dtype: torch.dtype) -> None:
     model.extract_feat = extract_feat_autocast
 
 
-def time_runs(run: Callable[[], object], repeats: int, sync: Callable[[], None]) -> List[float]:
-    """Seconds of each of ``repeats`` calls of ``run``, after one untimed call."""
+def time_runs(run: Callable[[], object], repeats: int, sync: Callable[[], None]
+              ) -> Tuple[float, List[float]]:
+    """Seconds of one untimed first call of ``run`` (where a compiled model compiles), and of
+    each of ``repeats`` calls after it."""
+    start = time.perf_counter()
     run()
     sync()
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         sync()
         times.append(time.perf_counter() - start)
-    return times
+    return first, times
+
+
+def compile_backbone_cfg(cfg) -> bool:
+    """Set ``compile=True`` on a ConvMLP backbone in ``cfg`` (an mmengine Config); False
+    where the backbone is of another type."""
+    backbone = cfg.model.get('backbone')
+    if backbone is None or backbone.get('type') not in ('ConvMLP', 'mmconvmlp.ConvMLP'):
+        return False
+    backbone['compile'] = True
+    return True
 
 
 def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int, int],
-              batch: int, repeats: int, dtype: Optional[torch.dtype], memory: PeakMemory
-              ) -> dict:
+              batch: int, repeats: int, dtype: Optional[torch.dtype], memory: PeakMemory,
+              compile: bool = False) -> dict:
     """Build one model and time ``test_step``; returns the figures of its row."""
     from mmengine.registry import DefaultScope
+
+    from mmconvmlp.models.compiled import compile_forward
+    compiled_by_cfg = compile and compile_backbone_cfg(cfg)
     model = build_eval_model(cfg, device)
+    if compile and not compiled_by_cfg:
+        compile_forward(model.backbone)
     data = synthetic_batch(scope, batch, *shape)
     autocast = nullcontext()
     if dtype == torch.bfloat16:
@@ -177,7 +198,7 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
 
     memory.reset()
     try:
-        times = time_runs(run, repeats, sync)
+        first, times = time_runs(run, repeats, sync)
     except Exception as error:  # any failure inside the model, told in one line
         raise InferenceError(f'{name}: inference on {batch}x3x{shape[0]}x{shape[1]} failed: '
                              f'{type(error).__name__}: {first_line(error)}') from error
@@ -185,7 +206,8 @@ def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int
     del model, data
     median = statistics.median(times)
     return dict(config=osp.basename(name), img_per_s=batch / median, median_ms=median * 1e3,
-                min_ms=min(times) * 1e3, max_ms=max(times) * 1e3, memory_mb=peak)
+                min_ms=min(times) * 1e3, max_ms=max(times) * 1e3, memory_mb=peak,
+                first_s=first)
 
 
 def parse_device(text: str) -> torch.device:
@@ -223,6 +245,9 @@ def parse_args(argv=None):
                         help='timed runs per config, after one untimed run (default 5)')
     parser.add_argument('--amp', action='store_true',
                         help='float16 autocast on CUDA; bfloat16 on a CPU that runs it fast')
+    parser.add_argument('--compile', action='store_true',
+                        help='compile the backbone with torch.compile (timed after the '
+                             'untimed first run, which compiles)')
     parser.add_argument('--device', default='cpu', help='cpu (default), cuda or cuda:N')
     return parser.parse_args(argv)
 
@@ -238,25 +263,31 @@ def main(argv=None) -> None:
         dtype, precision = choose_precision(device, args.amp)
         memory = PeakMemory(device)
         height, width = args.shape
+        compile_note = ('; backbone compiled (torch.compile, static sizes); the first run '
+                        'compiles' if args.compile else '')
         print(f'Inference of the whole model (model.test_step: preprocessing, backbone, neck, '
               f'head, post-processing) on {args.batch}x3x{height}x{width} synthetic images, '
               f'random weights (no checkpoint loaded or downloaded); median of '
               f'{args.repeats} runs after an untimed one.\n'
-              f'device: {device}, {describe_device(device)}\nprecision: {precision}\n')
-        print(f'| config | img/s | latency ms, median (min-max) | {memory.kind} MB |')
-        print('|---|---|---|---|')
+              f'device: {device}, {describe_device(device)}\nprecision: {precision}'
+              f'{compile_note}\n')
+        first_run = ' first run s |' if args.compile else ''
+        print(f'| config | img/s | latency ms, median (min-max) | {memory.kind} MB |{first_run}')
+        print('|---|---|---|---|' + ('---|' if first_run else ''))
         failures = []
         for name, cfg, scope in configs:
             try:
                 row = benchmark(name, cfg, scope, device, (height, width), args.batch,
-                                args.repeats, dtype, memory)
+                                args.repeats, dtype, memory, args.compile)
             except InferenceError as error:
                 failures.append(str(error))
-                print(f'| {osp.basename(name)} | failed, see below | - | - |', flush=True)
+                print(f'| {osp.basename(name)} | failed, see below | - | - |'
+                      f'{" - |" if first_run else ""}', flush=True)
                 continue
+            compile_time = f' {row["first_s"]:.1f} |' if first_run else ''
             print(f'| {row["config"]} | {row["img_per_s"]:.2f} | {row["median_ms"]:.0f} '
-                  f'({row["min_ms"]:.0f}-{row["max_ms"]:.0f}) | {row["memory_mb"]:.0f} |',
-                  flush=True)
+                  f'({row["min_ms"]:.0f}-{row["max_ms"]:.0f}) | {row["memory_mb"]:.0f} |'
+                  f'{compile_time}', flush=True)
         if failures:
             raise UsageError(' / '.join(failures))
     except UsageError as error:
