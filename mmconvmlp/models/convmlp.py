@@ -14,9 +14,12 @@ The convolutional front end runs in ``torch.channels_last`` memory format (in in
 the CPU a band of rows at a time, see :mod:`.row_bands`), and the MLP
 stages work on channels-last ``(B, H, W, C)`` tensors end to end: a ``(B, C, H, W)`` view of
 such a tensor *is* channels-last memory, so the depthwise and downsampling convolutions take
-it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``. In training
-on CPUs whose channels-last weight-gradient kernels are slow (AVX2), the weight gradients of
-the large convolutions are computed from channels-first copies (:mod:`.layouts`).
+it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``. In inference
+on the CPU each channel MLP runs a band of pixels at a time with its LayerNorm and residual
+sum, through oneDNN's fused calls where PyTorch runs AVX-512 kernels (:mod:`.fused_linear`).
+In training on CPUs whose channels-last weight-gradient kernels are slow (AVX2), the weight
+gradients of the large convolutions are computed from channels-first copies
+(:mod:`.layouts`).
 
 Module and parameter names follow the authors' released ImageNet checkpoints, which therefore
 load as they are.
@@ -239,9 +242,10 @@ class ConvStage(nn.Module):
 
 
 class ChannelMLP(nn.Module):
-    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C. In inference on
-    the CPU a band of pixels at a time (:func:`may_run_in_bands`), so that the hidden
-    activations stay in the caches instead of taking fresh memory of (pixels, hidden)."""
+    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C. Without a graph
+    to record on the CPU a band of pixels at a time (:func:`may_run_in_bands`), so that the
+    hidden activations stay in the caches instead of taking fresh memory of (pixels, hidden);
+    in inference its block calls :meth:`added_to` on such bands instead."""
 
     def __init__(self, width: int, hidden: int):
         super().__init__()

@@ -12,8 +12,9 @@ MLPs, functions of each pixel alone, go a band of pixels at a time for the same 
 
 A :class:`RowOp` maps a (B, C, H, W) band to a band; :func:`run_in_bands` drives a chain of
 them over a map. Every op here has a square window with the same ``size``/``stride``/``pad``
-across and down, and padding (zeros, or -inf for max-pooling) is added by the band logic
-where a band meets the top or bottom edge of the map.
+across and down. Where a band meets the top or bottom edge of the map, the op's own padding
+(zeros, or -inf for max-pooling) stands in for the rows outside it (:meth:`RowOp.rows`), so
+no band is copied to be padded; at 1x3x640x640 that took 5 ms (AVX-512) of about 420.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
