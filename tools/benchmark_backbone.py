@@ -22,6 +22,12 @@ models under bfloat16 autocast.
 
 ``--bounds`` adds training-step rows for mmconvmlp with some layers replaced by identities:
 not models, but bounds on what the step could cost if those layers were free.
+
+``--compile`` adds a row under each case for mmconvmlp with ``compile=True`` (timed in turn
+with the other two, against the same plain implementation); its label gives the seconds of
+its first call, which compiles and is not timed. ``--cpu-time`` times by this thread's CPU
+time (``time.thread_time``) instead of the wall clock: with ``--threads 1`` all the work runs
+on that thread, and other processes on a shared host disturb it far less.
 """
 import argparse
 import contextlib
@@ -60,6 +66,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument('--weight-grad', default='auto', choices=layouts.WEIGHT_GRAD_LAYOUTS,
                         help='where mmconvmlp computes convolution weight gradients on the CPU '
                              '(default: measured, see mmconvmlp.models.layouts)')
+    parser.add_argument('--compile', action='store_true',
+                        help='also time mmconvmlp with compile=True (torch.compile)')
+    parser.add_argument('--cpu-time', action='store_true',
+                        help='time by this thread\'s CPU time (use with --threads 1)')
     parser.add_argument('--bounds', action='store_true',
                         help='also time training steps with BatchNorm (and then ReLU, '
                              'LayerNorm, GELU) replaced by identities')
@@ -121,13 +131,14 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_interleaved(fns: List[Callable[[], None]], repeats: int, device: torch.device,
-                     block: int = 3) -> List[List[float]]:
+                     block: int = 3, clock: Callable[[], float] = time.perf_counter
+                     ) -> List[List[float]]:
     """Seconds of ``repeats`` runs of each function. The functions take turns in blocks of
     ``block`` timed runs, each block after one untimed run: drift on the machine hits all of
     them alike, and each is timed the way a training or inference loop runs it, after a run
     of its own (a step right after another model's meets a heap laid out for that model and
     pays for fresh pages that a loop of its own would reuse). The first untimed run also
-    takes the one-off costs of a first call."""
+    takes the one-off costs of a first call. ``clock`` gives the time in seconds."""
     times = [[] for _ in fns]
     while len(times[0]) < repeats:
         runs = min(block, repeats - len(times[0]))
@@ -135,10 +146,10 @@ def time_interleaved(fns: List[Callable[[], None]], repeats: int, device: torch.
             fn()
             for _ in range(runs):
                 synchronize(device)
-                start = time.perf_counter()
+                start = clock()
                 fn()
                 synchronize(device)
-                bucket.append(time.perf_counter() - start)
+                bucket.append(clock() - start)
     return times
 
 
@@ -153,6 +164,14 @@ def summarize(case: str, shape: str, ref_times: List[float], our_times: List[flo
         spread = f' ({low:.2f}-{high:.2f})'
     return (case, shape, f'{ref * 1e3:.0f} ms', f'{ours * 1e3:.0f} ms', f'{ref / ours:.2f}x{spread}',
             diff)
+
+
+def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
+    """Wall-clock seconds of ``fn``'s first call (a compiled model compiles in it)."""
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def shape_text(x: torch.Tensor) -> str:
@@ -174,20 +193,38 @@ def main() -> None:
     ours = ConvMLP(arch=args.arch).to(device)
     reference = ReferenceConvMLP(arch=args.arch).to(device)
     reference.load_state_dict(ours.state_dict())
+    models = [reference, ours]
+    if args.compile:
+        models.append(ConvMLP(arch=args.arch, compile=True).to(device))
+        models[-1].load_state_dict(ours.state_dict())
+    clock = time.thread_time if args.cpu_time else time.perf_counter
+
+    def timed_rows(case: str, x: torch.Tensor, fns: List[Callable[[], object]],
+                   diffs: Callable[[], List[str]]) -> List[Tuple[str, ...]]:
+        """The case's row, and with --compile the compiled model's row under it; ``diffs``
+        (called after the compiled model's first call) gives their last cells."""
+        compile_s = first_call_seconds(fns[2], device) if args.compile else 0
+        times = time_interleaved(fns, args.repeats, device, clock=clock)
+        diffs = diffs()
+        rows = [summarize(case, shape_text(x), times[0], times[1], diffs[0])]
+        if args.compile:
+            rows.append(summarize(f'  compiled (first call {compile_s:.0f} s)', shape_text(x),
+                                  times[0], times[2], diffs[1]))
+        return rows
 
     rows = []
-    ours.eval()
-    reference.eval()
+    for model in models:
+        model.eval()
     for shape in args.infer_input:
         x = torch.randn(shape, device=device)
         with torch.no_grad(), precision:
-            diff = relative_difference(ours(x), reference(x))
-
             def infer(model):
                 return lambda: model(x)
-            t_ref, t_ours = time_interleaved([infer(reference), infer(ours)], args.repeats,
-                                             device)
-        rows.append(summarize('inference', shape_text(x), t_ref, t_ours, f'{diff:.1e}'))
+
+            def diffs():
+                outs = [model(x) for model in models]
+                return [f'{relative_difference(out, outs[0]):.1e}' for out in outs[1:]] + ['']
+            rows += timed_rows('inference', x, [infer(model) for model in models], diffs)
 
     def train_step(model, x):
         def step():
@@ -199,15 +236,14 @@ def main() -> None:
     for shape in args.train_input:
         x = torch.randn(shape, device=device)
         for case, norm_eval in (('train step (fwd+bwd)', False), ('  with norm_eval', True)):
-            for model in (ours, reference):
+            for model in models:
                 model.train()
                 if norm_eval:
                     for module in model.modules():
                         if isinstance(module, torch.nn.BatchNorm2d):
                             module.eval()
-            t_ref, t_ours = time_interleaved([train_step(reference, x), train_step(ours, x)],
-                                             args.repeats, device)
-            rows.append(summarize(case, shape_text(x), t_ref, t_ours, '-'))
+            rows += timed_rows(case, x, [train_step(model, x) for model in models],
+                               lambda: ['-', '-'])
         if args.bounds:
             for model in (ours, reference):
                 model.train()
@@ -218,7 +254,8 @@ def main() -> None:
                 rows.append(summarize(case, shape_text(x), t_ref, t_bound, '-'))
 
     print(f'ConvMLP-{args.arch.upper()} on {machine_header(device)}\n'
-          f'{args.dtype}, median of {args.repeats} runs\n')
+          f'{args.dtype}, median of {args.repeats} runs, '
+          f'{"CPU time of this thread" if args.cpu_time else "wall clock"}\n')
     header = ('case', 'input', 'authors\' layout', 'mmconvmlp', 'speed-up (quartiles)',
               'max rel. diff')
     lines = [header] + rows
