@@ -464,7 +464,7 @@ def tokenizer_row_bytes(x: torch.Tensor) -> int:
 
 @pytest.mark.parametrize('rows_per_band', [16, 8, 5, 1])  # 1, 2, 4 (ragged), 16 bands
 def test_bands_return_what_whole_maps_return_under_autocast(monkeypatch, rows_per_band):
-    model = ConvMLP(arch='s', out_indices=(0, 1)).eval()
+    model = ConvMLP(arch='s').eval()  # the MLP stages' pixel bands too
     randomize_batchnorm(model)
     x = torch.randn(1, 3, 64, 72)  # tokenizer output: 16 rows
     monkeypatch.setattr(row_bands, 'BAND_BYTES', rows_per_band * tokenizer_row_bytes(x))
