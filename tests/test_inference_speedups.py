@@ -150,4 +150,3 @@ def test_row_bands_pad_no_copies_except_max_pooling_at_the_bottom(monkeypatch):
     with torch.no_grad():
         model(torch.randn(1, 3, 66, 48))  # the max-pool's input, 33 rows high, is odd
     assert pads and all(value == float('-inf') for value in pads)
-
