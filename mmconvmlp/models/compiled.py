@@ -20,9 +20,7 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 
-#: Where a message from the compiler is cut: some hold a whole graph on one line.
-MAX_REASON_CHARS = 300
-
+from ..engine.readable_errors import first_line
 
 class CompileFallbackWarning(RuntimeWarning):
     """The compiled path failed; the model runs eager from then on."""
@@ -92,9 +90,3 @@ def taps(model: torch.nn.Module, compiled: Optional[CompiledCall], x: torch.Tens
     if compiled is None:
         return model.forward_taps(x, last=last)
     return enumerate(compiled(model, x, last))
-
-
-def first_line(error: BaseException) -> str:
-    lines = str(error).strip().splitlines()
-    line = lines[0] if lines else repr(error)
-    return line if len(line) <= MAX_REASON_CHARS else line[:MAX_REASON_CHARS] + '...'

@@ -415,11 +415,15 @@ class _ChannelsFirst(torch.autograd.Function):
 
 def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
     """``block(x)``, recomputed in the backward pass instead of stored when asked. The
-    recomputation leaves BatchNorm running statistics alone, so they end up as without it."""
-    if use_checkpoint:
-        return checkpoint(block, x, use_reentrant=False,
-                          context_fn=lambda: (nullcontext(), running_stats_frozen(block)))
-    return block(x)
+    recomputation leaves BatchNorm running statistics alone, so they end up as without it.
+    In a graph being compiled the recomputation is part of the compiled backward pass and
+    updates nothing, so no context is needed there (and dynamo cannot trace one)."""
+    if not use_checkpoint:
+        return block(x)
+    if torch.compiler.is_compiling():
+        return checkpoint(block, x, use_reentrant=False)
+    return checkpoint(block, x, use_reentrant=False,
+                      context_fn=lambda: (nullcontext(), running_stats_frozen(block)))
 
 
 @contextmanager
