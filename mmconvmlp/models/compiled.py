@@ -13,6 +13,9 @@ symbolic strides in its stride sorting) and in inference for some batches
 meet those failures at the second size. Torch's limit on recompilations
 (``torch._dynamo.config.recompile_limit``, 8 by default) bounds how many sizes are
 compiled; further sizes run eager, and torch logs when.
+
+On the CPUs measured here it is not faster than eager mode (``docs/speed.md``: the training
+step is the same oneDNN and MKL kernels either way, near the cores' peak).
 """
 import functools
 import warnings
@@ -21,6 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 import torch
 
 from ..engine.readable_errors import first_line
+
 
 class CompileFallbackWarning(RuntimeWarning):
     """The compiled path failed; the model runs eager from then on."""
