@@ -17,19 +17,20 @@ output gradient. :func:`set_weight_grad_layout` forces either route (the tests s
 both kinds of CPU with it).
 """
 import functools
-import time
-from typing import Callable, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from ..machine import best_thread_time
+
 WEIGHT_GRAD_LAYOUTS = ('auto', 'channels_last', 'channels_first')
 #: How many times faster the channels-first route must measure in the probe to be taken.
-#: Measured (1-2 threads, a busy host): 2.4-3.4 on AVX2, 0.6-0.9 on AVX-512, far from it
-#: either way, so the choice does not flip between runs on one machine.
-MARGIN = 1.5
+#: Measured by the probe's one-thread CPU time: 1.9-2.1 on AVX2, 0.78-0.80 on AVX-512 (the
+#: same AMD EPYC, natively and held to AVX2), each about 1.5x from the margin.
+MARGIN = 1.3
 #: Where the channels-first route pays on a CPU that takes it: maps of at least
 #: ``MIN_PIXELS`` pixels per image, and ``in_channels * out_channels * pixels`` of at least
 #: ``MIN_WORK``. Below, the copies cost about what the faster kernel saves (AVX2, 3x3
@@ -59,21 +60,11 @@ def weight_grad_layout() -> str:
     return 'channels_first' if channels_last_weight_grad_is_slow() else 'channels_last'
 
 
-def _best_thread_time(fn: Callable[[], None], repeats: int = 2) -> float:
-    fn()  # kernel selection and other one-off costs
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.thread_time()  # CPU time: other processes' load counts less
-        fn()
-        best = min(best, time.thread_time() - start)
-    return best
-
-
 @functools.lru_cache(maxsize=None)
 def channels_last_weight_grad_is_slow() -> bool:
     """Whether the channels-last weight gradient of :func:`weight_grad_probe` takes
     :data:`MARGIN` times longer on this CPU than the channels-first route. Measured once per
-    process, with the thread count of the first call."""
+    process."""
     channels_last, channels_first = weight_grad_probe()
     return channels_last > MARGIN * channels_first
 
@@ -82,7 +73,7 @@ def weight_grad_probe() -> Tuple[float, float]:
     """CPU seconds of the weight gradient of a 3x3 convolution, 128 -> 128 channels on a
     1x128x128x128 map (as in the convolutional stage of a 512x512 image), in channels-last
     memory and by the channels-first route (copies included); best of two runs after one
-    untimed run. About 0.4 s in all on AVX-512, 0.9 s on AVX2 (one thread)."""
+    untimed run, on one thread. About 0.4 s in all on AVX-512, 0.8 s on AVX2."""
     gen = torch.Generator().manual_seed(0)
     x, grad = (torch.randn(1, 128, 128, 128, generator=gen).contiguous(
         memory_format=torch.channels_last) for _ in range(2))
@@ -94,10 +85,15 @@ def weight_grad_probe() -> Tuple[float, float]:
                      transpose_images(x, to_channels_last=False), weight.contiguous(),
                      (1, 1), (1, 1))
 
-    with torch.no_grad():
-        return (_best_thread_time(
-                    functools.partial(_weight_grad, grad, x, weight, (1, 1), (1, 1))),
-                _best_thread_time(channels_first))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the thread's CPU time then counts all the work
+    try:
+        with torch.no_grad():
+            return (best_thread_time(
+                        functools.partial(_weight_grad, grad, x, weight, (1, 1), (1, 1)), 2),
+                    best_thread_time(channels_first, 2))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
