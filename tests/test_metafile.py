@@ -56,13 +56,14 @@ def test_index_names_the_nine_paper_models_with_configs_that_exist():
 
 
 def test_numbers_and_weights_match_the_readme_table():
-    """Results, parameters (the README's built count, in M to 2 decimals), MACs and the
-    released checkpoint's URL of every model are those of its README row."""
+    """Results, parameters (the README's built count, in M to 2 decimals), MACs, CPU speed
+    (img/s = 1000 / ms per image, on AVX-512 and held to AVX2) and the released checkpoint's
+    URL of every model are those of its README row."""
     _, models = load_index(osp.join(ROOT, 'model-index.yml'))
     rows = readme_rows()
     for model in models:
         name = model['Name']
-        _task, _title, _config, params, macs, results, weights = rows[name]
+        _task, _title, _config, params, macs, speed, results, weights = rows[name]
         metrics = {k: v for r in model['Results'] for k, v in r['Metrics'].items()}
         assert sorted(metrics) == sorted(CONFIGS[name])
         # README: '38.4 box / 35.7 mask AP', '37.2 box AP', '35.8 mIoU'
@@ -73,6 +74,9 @@ def test_numbers_and_weights_match_the_readme_table():
         assert f'/ {model["Metadata"]["Parameters"] / 1e6:.2f}M' in params, name
         mac_values = [v for k, v in model['Metadata'].items() if k.startswith('MACs')]
         assert mac_values and all(f'{v:.1f}' in macs for v in mac_values), name
+        times = model['Metadata']['inference time (ms/im)']
+        assert [t['hardware'].split(', ')[-1] for t in times] == ['AVX-512', 'held to AVX2']
+        assert speed == ' / '.join(f'{1000 / t["value"]:.2f}' for t in times), name
         assert re.search(r'\]\((\S+)\)', weights).group(1) == model['Weights'], name
 
 
