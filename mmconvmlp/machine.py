@@ -45,14 +45,19 @@ def describe_device(device: torch.device) -> str:
 
 
 def best_thread_time(fn: Callable[[], object], repeats: int) -> float:
-    """The shortest CPU time of the calling thread over ``repeats`` calls of ``fn``, after
-    one untimed call (kernel selection, weight reorders and other one-off costs). CPU time
-    rather than wall-clock time, so that other processes on a busy machine count less; call
-    it with one torch thread, or the work of the others is not counted."""
-    fn()
-    best = float('inf')
-    for _ in range(repeats):
-        start = time.thread_time()
+    """The shortest CPU time over ``repeats`` calls of ``fn``, after one untimed call
+    (kernel selection, weight reorders and other one-off costs), all on one torch thread:
+    the calling thread's CPU time then counts all the work, and other processes on a busy
+    machine count less than in wall-clock time. The thread count is restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         fn()
-        best = min(best, time.thread_time() - start)
-    return best
+        best = float('inf')
+        for _ in range(repeats):
+            start = time.thread_time()
+            fn()
+            best = min(best, time.thread_time() - start)
+        return best
+    finally:
+        torch.set_num_threads(threads)

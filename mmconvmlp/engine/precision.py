@@ -70,13 +70,8 @@ def cpu_bfloat16_speed() -> float:
         with torch.autocast('cpu', dtype=torch.bfloat16):
             return work()
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.no_grad():
-            return best_thread_time(work_bf16, 5) / best_thread_time(work, 5)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.no_grad():
+        return best_thread_time(work_bf16, 5) / best_thread_time(work, 5)
 
 
 def choose_cpu_precision(precision: str = 'auto') -> Tuple[torch.dtype, str]:

@@ -80,20 +80,19 @@ def weight_grad_probe() -> Tuple[float, float]:
     weight = torch.randn(128, 128, 3, 3, generator=gen).contiguous(
         memory_format=torch.channels_last)
 
-    def channels_first() -> None:
-        _weight_grad(transpose_images(grad, to_channels_last=False),
-                     transpose_images(x, to_channels_last=False), weight.contiguous(),
-                     (1, 1), (1, 1))
+    with torch.no_grad():
+        return tuple(
+            best_thread_time(functools.partial(route, grad, x, weight, (1, 1), (1, 1)), 2)
+            for route in (_weight_grad, _channels_first_weight_grad))
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the thread's CPU time then counts all the work
-    try:
-        with torch.no_grad():
-            return (best_thread_time(
-                        functools.partial(_weight_grad, grad, x, weight, (1, 1), (1, 1)), 2),
-                    best_thread_time(channels_first, 2))
-    finally:
-        torch.set_num_threads(threads)
+
+def _channels_first_weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                                stride: Tuple[int, int], padding: Tuple[int, int]
+                                ) -> torch.Tensor:
+    """The weight gradient of channels-last ``grad`` and ``x``, from channels-first copies."""
+    return _weight_grad(transpose_images(grad, to_channels_last=False),
+                        transpose_images(x, to_channels_last=False), weight.contiguous(),
+                        stride, padding)
 
 
 def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -158,9 +157,7 @@ class _ChannelsFirstWeightGrad(torch.autograd.Function):
         if need_bias:
             grad_bias = grad.sum((0, 2, 3))
         if need_weight:
-            grad_weight = _weight_grad(transpose_images(grad, to_channels_last=False),
-                                       transpose_images(x, to_channels_last=False),
-                                       weight.contiguous(), stride, padding)
+            grad_weight = _channels_first_weight_grad(grad, x, weight, stride, padding)
         return grad_input, grad_weight, grad_bias, None, None
 
 

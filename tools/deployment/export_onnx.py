@@ -118,7 +118,7 @@ def load_weights(model: nn.Module, checkpoint: str) -> None:
                         logger='silent')
     except pickle.UnpicklingError as error:
         raise UsageError(f'{checkpoint}: safe loading refused it (it holds objects other '
-                         f'than weights): {str(error).splitlines()[0]}') from error
+                         f'than weights): {first_line(error)}') from error
     except (RuntimeError, KeyError) as error:
         message = ' '.join(str(error).split())
         raise UsageError(f'{checkpoint} does not fit the config\'s model: '
