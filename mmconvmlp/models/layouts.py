@@ -28,8 +28,9 @@ from ..machine import best_thread_time
 
 WEIGHT_GRAD_LAYOUTS = ('auto', 'channels_last', 'channels_first')
 #: How many times faster the channels-first route must measure in the probe to be taken.
-#: Measured by the probe's one-thread CPU time: 1.9-2.1 on AVX2, 0.78-0.80 on AVX-512 (the
-#: same AMD EPYC, natively and held to AVX2), each about 1.5x from the margin.
+#: Measured by the probe's one-thread CPU time, one process each on the same AMD EPYC: 0.78-0.80
+#: natively (AVX-512, 5 processes), 1.40-2.20 held to AVX2 (15 processes; the channels-last
+#: kernel's time is what varies), so AVX2 is at least 8% above the margin.
 MARGIN = 1.3
 #: Where the channels-first route pays on a CPU that takes it: maps of at least
 #: ``MIN_PIXELS`` pixels per image, and ``in_channels * out_channels * pixels`` of at least
