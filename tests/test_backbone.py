@@ -549,13 +549,17 @@ def copy_weights(source: nn.Module, target: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize('mode', ['train', 'eval'])
-def test_syncbn_runs_on_channels_last_maps_like_bn(mode):
-    """Without a process group (one process) SyncBN normalises like BN, in training with
-    batch statistics and in eval mode folded into the convolutions."""
+def test_syncbn_layers_take_the_bn_paths_in_one_process(mode):
+    """What one CPU process can check: the SyncBN config builds SyncBatchNorm layers, and
+    ConvMLP treats them as BatchNorm (on channels-last maps, in training with batch
+    statistics and in eval mode folded into the convolutions), since without a process
+    group torch's SyncBatchNorm computes plain BatchNorm. Statistics synchronised across
+    processes need CUDA and two ranks at least: a machine with two GPUs, not this test."""
     bn = ConvMLP(arch='s', out_indices=(0, 1), drop_path_rate=0.)
     randomize_batchnorm(bn)
     sync = copy_weights(bn, ConvMLP(arch='s', out_indices=(0, 1), drop_path_rate=0.,
                                     norm_cfg=dict(type='SyncBN')))
+    assert isinstance(sync.tokenizer.block[1], nn.SyncBatchNorm)
     x = torch.randn(2, 3, 48, 40)
     for model in (bn, sync):
         model.train(mode == 'train')

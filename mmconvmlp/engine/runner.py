@@ -37,6 +37,7 @@ from mmengine.runner import Runner
 from .atomic_save import partial_name, publish
 from .cpu_processes import (check_launcher_environment, set_cpu_threads,
                             setup_cpu_distributed)
+from .cuda_ops import check_mmcv_cuda_ops
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
 from .data_errors import DataContentsHook, readable_data_errors
 from .resumable_loader import resumable_loader
@@ -53,6 +54,7 @@ class ConvMLPRunner(Runner):
     def from_cfg(cls, cfg) -> 'ConvMLPRunner':
         cfg = copy.deepcopy(cfg)
         check_launcher_environment(cfg.get('launcher', 'none'))
+        check_mmcv_cuda_ops()
         set_cpu_threads()
         setup_cpu_distributed(cfg, cfg.get('launcher', 'none'))
         return super().from_cfg(cfg)
