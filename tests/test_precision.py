@@ -96,23 +96,35 @@ def test_bad_precision_names_the_valid_ones(cpu_with):
         build('float16')
 
 
-@pytest.mark.parametrize('bf16_gpu, asked, dtype', [
-    (True, 'auto', torch.bfloat16), (False, 'auto', torch.float16),
-    (True, 'float16', torch.float16), (True, 'bfloat16', torch.bfloat16)])
-def test_cuda_takes_bfloat16_only_where_the_gpu_has_it(monkeypatch, bf16_gpu, asked, dtype):
-    """Simulated: AmpOptimWrapper asks whether CUDA exists, the choice whether it has
-    bfloat16 (pre-Ampere GPUs do not, and bfloat16 autocast raises there)."""
+def simulate_gpu(monkeypatch, capability):
+    """A GPU of this compute capability, as torch reports it: ``is_bf16_supported()``
+    counts emulation by default, so it says yes on a T4 (sm_75) too; only
+    ``including_emulation=False`` asks for bfloat16 units (Ampere, 8.0, and newer)."""
     monkeypatch.setattr('mmengine.optim.optimizer.amp_optimizer_wrapper.is_cuda_available',
                         lambda: True)
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: bf16_gpu)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, 'is_bf16_supported',
+                        lambda including_emulation=True: capability >= (8, 0)
+                        or including_emulation)
+
+
+@pytest.mark.parametrize('capability, asked, dtype', [
+    ((9, 0), 'auto', torch.bfloat16), ((8, 0), 'auto', torch.bfloat16),
+    ((7, 5), 'auto', torch.float16), ((9, 0), 'float16', torch.float16),
+    ((8, 6), 'bfloat16', torch.bfloat16)])
+def test_cuda_takes_bfloat16_only_where_the_gpu_has_it(monkeypatch, capability, asked, dtype):
+    """Simulated GPUs: AmpOptimWrapper asks whether CUDA exists, the choice what the GPU's
+    compute capability is (a T4 emulates bfloat16: float16 AMP is the fast one there)."""
+    simulate_gpu(monkeypatch, capability)
     optimizer = torch.optim.SGD(torch.nn.Linear(2, 2).parameters(), lr=0.1)
     with warnings.catch_warnings():
         warnings.simplefilter('ignore')  # GradScaler without a GPU disables itself
         wrapper, reason = precision._cuda_wrapper(optimizer, asked, {})
     assert type(wrapper) is AmpOptimWrapper and wrapper.cast_dtype == dtype
     assert reason.startswith('float16 AMP') == (dtype == torch.float16)
-    if not bf16_gpu:
-        with pytest.raises(ValueError, match='does not support bfloat16'):
+    if capability < (8, 0):
+        assert 'has no bfloat16' in reason
+        with pytest.raises(ValueError, match='does not support bfloat16.*8.0'):
             precision._cuda_wrapper(optimizer, 'bfloat16', {})
 
 

@@ -8,6 +8,10 @@ script=$1
 nproc=$2
 shift 2
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+if [ "${NNODES:-1}" != 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
+  echo "dist_launch: NNODES=$NNODES: set MASTER_ADDR to the first node's address on every node" >&2
+  exit 2
+fi
 # $PYTHON if set, else the repository's .venv, else python on the PATH.
 if [ -n "${PYTHON:-}" ]; then python=$PYTHON
 elif [ -x "$here/../.venv/bin/python" ]; then python=$here/../.venv/bin/python

@@ -30,7 +30,6 @@ CPU_MINUTES_BASE=22 CPU_MINUTES_PER_ARCH=36
 venv="$root/.venv"
 py="$venv/bin/python"
 stamp="$venv/.mmconvmlp-setup"
-fingerprint=$(cat tools/setup_env.sh requirements/*.txt setup.py | sha256sum | cut -d' ' -f1)
 
 say() { echo "setup_env: $*"; }
 die() { echo "setup_env: $*" >&2; exit 1; }
@@ -43,6 +42,7 @@ case "${1:-}" in
 esac
 # mmcv's own switch means the same.
 [ "${FORCE_CUDA:-0}" = 1 ] && want_cuda=1
+fingerprint=$(cat tools/setup_env.sh requirements/*.txt setup.py | sha256sum | cut -d' ' -f1)
 
 check_imports() {
   "$py" - <<'PY'
@@ -82,13 +82,15 @@ if importlib.metadata.version('mmcv') == sys.argv[1]:
 PY
 }
 
+links_cudart() { [[ "$(readelf -d "$1")" == *"(NEEDED)"*"[libcudart."* ]]; }
+
 # "cuda" where the installed mmcv's ops link the CUDA runtime, "cpu" where they do not, ""
 # where mmcv is missing.
 mmcv_kind() {
   local ext
   ext=$(mmcv_ext)
   if [ -z "$ext" ]; then echo ""
-  elif readelf -d "$ext" | grep -q 'NEEDED.*libcudart'; then echo cuda
+  elif links_cudart "$ext"; then echo cuda
   else echo cpu; fi
 }
 
@@ -116,7 +118,7 @@ wanted_build() {
   fi
 }
 
-stamp_archs() { sed -n 's/^mmcv=cuda archs=//p' "$stamp" 2>/dev/null; }
+stamp_archs() { sed -n 's/^mmcv=cuda archs=//p' "$stamp" 2>/dev/null || true; }
 
 # Whether the installed mmcv is the wanted build: same kind, and for CUDA every wanted
 # architecture among the built ones (an explicit TORCH_CUDA_ARCH_LIST must match exactly).
@@ -146,7 +148,7 @@ boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30
 kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)[1]
 assert kept.tolist() == [0, 2], kept' || die "mmcv's CPU nms does not run (see above)"
   if [ "${want%% *}" = cuda ]; then
-    readelf -d "$ext" | grep -q 'NEEDED.*libcudart' \
+    links_cudart "$ext" \
       || die "$ext does not link the CUDA runtime: mmcv was built without CUDA ops"
     symbols=$(nm -D --defined-only "$ext")
     for name in NMSCUDAKernelLauncher ROIAlignForwardCUDAKernelLauncher \

@@ -8,8 +8,12 @@ shift 3
 gpus=${GPUS:-8}
 gpus_per_node=${GPUS_PER_NODE:-$((gpus < 8 ? gpus : 8))}
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# $PYTHON if set, else the repository's .venv, else python on the PATH (as dist_launch.sh).
+if [ -n "${PYTHON:-}" ]; then python=$PYTHON
+elif [ -x "$here/../.venv/bin/python" ]; then python=$here/../.venv/bin/python
+else python=python; fi
 # shellcheck disable=SC2086
 exec srun -p "$partition" --job-name="$job_name" \
   --gres=gpu:"$gpus_per_node" --ntasks="$gpus" --ntasks-per-node="$gpus_per_node" \
   --cpus-per-task="${CPUS_PER_TASK:-5}" --kill-on-bad-exit=1 ${SRUN_ARGS:-} \
-  "${PYTHON:-python}" -u "$here/$script" "$@" --launcher slurm
+  "$python" -u "$here/$script" "$@" --launcher slurm

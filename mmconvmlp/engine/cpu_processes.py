@@ -24,8 +24,10 @@ LAUNCHER_VARIABLES = {
                 'torchrun sets them: bash tools/dist_train.sh CONFIG NUM_PROCESSES'),
     'slurm': (('SLURM_PROCID', 'SLURM_NTASKS', 'SLURM_NODELIST'),
               'srun sets them: bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR'),
-    'mpi': (('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK'),
-            "Open MPI's mpirun sets them"),
+    'mpi': (('OMPI_COMM_WORLD_RANK', 'OMPI_COMM_WORLD_SIZE', 'OMPI_COMM_WORLD_LOCAL_RANK',
+             'MASTER_ADDR'),
+            "Open MPI's mpirun sets the OMPI_ ones; across nodes, pass the first node's "
+            "address too: mpirun -x MASTER_ADDR=HOST ..."),
 }
 
 
@@ -35,13 +37,23 @@ class LauncherError(ReadableError, RuntimeError):
 
 def check_launcher_environment(launcher: str) -> None:
     """Raise :class:`LauncherError` naming the variables ``launcher`` should have set
-    and did not (for ``'none'`` there are none)."""
+    and did not (for ``'none'`` there are none). mmengine's MPI start needs ``MASTER_ADDR``,
+    which mpirun does not set: where all processes run on one node, this sets it to
+    127.0.0.1; across nodes the user must name the first node."""
+    if launcher == 'mpi' and 'MASTER_ADDR' not in os.environ and _mpi_on_one_node():
+        os.environ['MASTER_ADDR'] = '127.0.0.1'
     names, how = LAUNCHER_VARIABLES.get(launcher, ((), ''))
     missing = [name for name in names if name not in os.environ]
     if missing:
         raise LauncherError(
             f'--launcher {launcher}: {", ".join(missing)} not set; {how}. For one process '
             'started by hand, leave out --launcher.')
+
+
+def _mpi_on_one_node() -> bool:
+    """Whether mpirun started every process on this node (as many here as in all)."""
+    size = os.environ.get('OMPI_COMM_WORLD_SIZE')
+    return size is not None and os.environ.get('OMPI_COMM_WORLD_LOCAL_SIZE') == size
 
 
 @MODEL_WRAPPERS.register_module()
@@ -75,7 +87,6 @@ def _env_from_mpi() -> None:
     os.environ.setdefault('RANK', os.environ['OMPI_COMM_WORLD_RANK'])
     os.environ.setdefault('WORLD_SIZE', os.environ['OMPI_COMM_WORLD_SIZE'])
     os.environ.setdefault('LOCAL_RANK', os.environ.get('OMPI_COMM_WORLD_LOCAL_RANK', '0'))
-    os.environ.setdefault('MASTER_ADDR', '127.0.0.1')
     os.environ.setdefault('MASTER_PORT', '29500')
 
 

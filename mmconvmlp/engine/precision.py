@@ -121,11 +121,19 @@ def mixed_precision_optim_wrapper(optimizer: torch.optim.Optimizer, precision: s
     return wrapper
 
 
+def gpu_has_bfloat16(device=None) -> bool:
+    """Whether the GPU computes in bfloat16 natively: compute capability 8.0 (Ampere) or
+    newer. ``torch.cuda.is_bf16_supported()`` also says yes where bfloat16 is only
+    emulated (a T4, sm_75), where bfloat16 AMP is slower than float16."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def _cuda_wrapper(optimizer, precision: str, kwargs: dict) -> Tuple[OptimWrapper, str]:
     if precision == 'float32':
         kwargs.pop('loss_scale', None)
         return OptimWrapper(optimizer=optimizer, **kwargs), 'float32 (precision=float32)'
-    bf16 = torch.cuda.is_bf16_supported()
+    params = [p for group in optimizer.param_groups for p in group['params']]
+    bf16 = gpu_has_bfloat16(params[0].device if params else None)
     if precision == 'bfloat16' and not bf16:
         raise ValueError('MixedPrecisionOptimWrapper: precision=bfloat16, but this GPU does '
                          'not support bfloat16 (it needs compute capability 8.0 or newer); '
