@@ -16,8 +16,29 @@ fi
 if [ -n "${PYTHON:-}" ]; then python=$PYTHON
 elif [ -x "$here/../.venv/bin/python" ]; then python=$here/../.venv/bin/python
 else python=python; fi
-exec "$python" -m torch.distributed.run \
+# torchrun passes SIGTERM (and, with this list, SIGUSR1) on to its processes, which save a
+# checkpoint and exit with 75 (mmconvmlp/engine/preemption.py); this launcher then exits
+# with 75 too, where torchrun alone would report a failure (1).
+export TORCHELASTIC_SIGNALS_TO_HANDLE=${TORCHELASTIC_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+exec "$python" - \
   --nnodes="${NNODES:-1}" --node_rank="${NODE_RANK:-0}" \
   --master_addr="${MASTER_ADDR:-127.0.0.1}" --master_port="${PORT:-29500}" \
   --nproc_per_node="$nproc" \
-  "$here/$script" "$@" --launcher pytorch
+  "$here/$script" "$@" --launcher pytorch <<'PY'
+import signal
+import sys
+
+from torch.distributed.elastic.multiprocessing.api import SignalException
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.run import parse_args, run
+
+PREEMPTED = 75  # mmconvmlp.engine.preemption.PREEMPTED_EXIT_CODE
+try:
+    run(parse_args(sys.argv[1:]))
+except ChildFailedError as error:
+    if {failure.exitcode for failure in error.failures.values()} != {PREEMPTED}:
+        raise
+    sys.exit(PREEMPTED)
+except SignalException as error:  # torchrun passed the signal on and its processes ended
+    sys.exit(PREEMPTED if error.sigval in (signal.SIGTERM, signal.SIGUSR1) else 1)
+PY

@@ -21,8 +21,16 @@ names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. I
   checkpoint warns, naming the work dir, before training starts from the beginning;
 * identical, quick resumes (:mod:`.resume_state`, :mod:`.resumable_loader`): the training
   loader can start at any batch without loading the ones before and seeds each sample's
-  augmentation from its position; checkpoints carry the generators' states, restored when
-  resuming, so a resumed run continues as the uninterrupted run would have.
+  augmentation from its position; checkpoints carry every process's generator states and
+  the sample position, restored when resuming, so a resumed run continues as the
+  uninterrupted run would have; a resume with another layout continues at the right
+  sample or stops with one message, and a checkpoint of another model stops it with
+  :class:`~.weights_fit.WeightsMismatchError`;
+* preemption (:mod:`.preemption`): SIGTERM or SIGUSR1 saves the current iteration and
+  exits with status 75;
+* one training per work dir (:mod:`.work_dir_lock`); a failed save removes its partial
+  file and says how much space it needed (:mod:`.atomic_save`); data-loader workers end
+  with their process (:mod:`.worker_lifetime`).
 
 Safe loading of mmengine's checkpoints (:mod:`.safe_loading`) needs no runner: importing
 mmconvmlp sets it up for the whole process.
@@ -30,19 +38,22 @@ mmconvmlp sets it up for the whole process.
 import copy
 import os.path as osp
 
-from mmengine.dist import master_only
+from mmengine.dist import is_main_process
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 
-from .atomic_save import partial_name, publish
+from .atomic_save import failed_save, partial_name, publish
 from .cpu_processes import (check_launcher_environment, set_cpu_threads,
                             setup_cpu_distributed)
 from .cuda_ops import check_mmcv_cuda_ops
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
 from .data_errors import DataContentsHook, readable_data_errors
+from .preemption import PreemptionHook
 from .resumable_loader import resumable_loader
 from .resume_state import ResumeStateHook
 from .weights_fit import CheckWeightsFitHook
+from .work_dir_lock import hold_work_dir
+from .worker_lifetime import TiedToMainProcess
 
 
 @RUNNERS.register_module()
@@ -63,6 +74,19 @@ class ConvMLPRunner(Runner):
         super().register_hooks(default_hooks, custom_hooks)
         self.register_hook(ResumeStateHook())
         self.register_hook(DataContentsHook())
+        self.register_hook(PreemptionHook())
+
+    def _hook(self, kind):
+        return next(hook for hook in self.hooks if isinstance(hook, kind))
+
+    @staticmethod
+    def build_dataloader(*args, **kwargs):
+        """mmengine's data loader, whose workers end with this process and ignore the
+        preemption signals that Slurm sends them too (:mod:`.worker_lifetime`)."""
+        loader = Runner.build_dataloader(*args, **kwargs)
+        if getattr(loader, 'num_workers', 0):
+            loader.worker_init_fn = TiedToMainProcess(loader.worker_init_fn)
+        return loader
 
     def build_train_loop(self, loop):
         if isinstance(self._train_dataloader, dict):
@@ -76,9 +100,11 @@ class ConvMLPRunner(Runner):
         check_data(self.cfg, sections, self.cfg.filename or '')
 
     def train(self):
-        self._check_data(TRAIN_SECTIONS)
-        with readable_data_errors(self.cfg, TRAIN_SECTIONS):
-            return super().train()
+        with hold_work_dir(self.work_dir, is_main_process()):
+            self._check_data(TRAIN_SECTIONS)
+            with readable_data_errors(self.cfg, TRAIN_SECTIONS), \
+                    self._hook(PreemptionHook).catching_signals():
+                return super().train()
 
     def _check_weights_fit(self) -> None:
         if not any(isinstance(hook, CheckWeightsFitHook) for hook in self.hooks):
@@ -105,13 +131,49 @@ class ConvMLPRunner(Runner):
             self._resume = False
         super().load_or_resume()
 
-    @master_only
+    def resume(self, filename: str, *args, **kwargs) -> None:
+        """mmengine's ``resume``, stopping with :class:`~.weights_fit.WeightsMismatchError`
+        when the checkpoint is not one of the config's model."""
+        self._load_from = filename  # the checkpoint the weights check names
+        self._check_weights_fit()
+        super().resume(filename, *args, **kwargs)
+
     def save_checkpoint(self, out_dir: str, filename: str, file_client_args=None, *args,
                         backend_args=None, **kwargs) -> None:
-        """mmengine's ``save_checkpoint``, written under a hidden partial name and renamed
-        once complete (in local folders; other storage is written as mmengine writes it)."""
+        """mmengine's ``save_checkpoint`` with every process's generator states; in local
+        folders written under a hidden partial name and renamed once complete (other
+        storage is written as mmengine writes it). Every process calls it, as mmengine's
+        hooks do: the states are gathered to rank 0, which writes the file."""
+        self._hook(ResumeStateHook).collect()
+        if not is_main_process():
+            return
         local = '://' not in out_dir and file_client_args is None and backend_args is None
-        super().save_checkpoint(out_dir, partial_name(filename) if local else filename,
-                                file_client_args, *args, backend_args=backend_args, **kwargs)
-        if local:
-            publish(osp.join(out_dir, partial_name(filename)), osp.join(out_dir, filename))
+        if not local:
+            super().save_checkpoint(out_dir, filename, file_client_args, *args,
+                                    backend_args=backend_args, **kwargs)
+            return
+        partial, final = osp.join(out_dir, partial_name(filename)), osp.join(out_dir, filename)
+        try:
+            super().save_checkpoint(out_dir, partial_name(filename), file_client_args, *args,
+                                    backend_args=backend_args, **kwargs)
+            publish(partial, final)
+        except OSError as error:
+            raise failed_save(partial, final, error, self._checkpoint_bytes()) from None
+
+    def _checkpoint_bytes(self) -> int:
+        """About the size of a checkpoint: the bytes of the weights and optimizer state."""
+        total = 0
+
+        def count(value):
+            nonlocal total
+            if hasattr(value, 'element_size'):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, dict):
+                for item in value.values():
+                    count(item)
+            elif isinstance(value, (list, tuple)):
+                for item in value:
+                    count(item)
+        count(self.model.state_dict())
+        count(self.optim_wrapper.state_dict())
+        return total

@@ -1,0 +1,116 @@
+"""A training stopped by a cluster (preemption, a time limit) saves the iteration it was at.
+
+Clusters end a job with a signal and a grace period before SIGKILL: Slurm sends SIGTERM
+when it preempts a job, and the signal asked for with ``sbatch --signal`` (SIGUSR1 in
+``tools/slurm_sbatch.sh``) before the time limit; Kubernetes sends SIGTERM, which torchrun
+passes on to its workers. While :class:`~.runner.ConvMLPRunner` trains,
+:class:`PreemptionHook` catches SIGTERM and SIGUSR1 (:meth:`PreemptionHook.catching_signals`
+installs the handlers when training starts and puts the previous ones back when it ends:
+importing mmconvmlp installs nothing). At the end of the training iteration during which a
+signal came:
+
+* every process learns whether any process got one (an all-reduce of the signal number
+  each iteration), so that all stop after the same iteration;
+* rank 0 saves ``iter_N.pth`` of that iteration the usual whole-or-nothing way
+  (:mod:`.atomic_save`) and names it in ``last_checkpoint``; all processes wait for it;
+* one log line says why, and every process exits with :data:`PREEMPTED_EXIT_CODE`.
+
+``--resume`` continues from that iteration (:mod:`.resume_state`). Another signal during
+the save changes nothing; a signal during validation is acted on after the next training
+iteration. DataLoader workers ignore these signals (:mod:`.worker_lifetime`).
+"""
+import contextlib
+import logging
+import os.path as osp
+import signal
+import threading
+
+import torch
+from mmengine.dist import all_reduce, barrier, get_world_size, is_main_process
+from mmengine.hooks import CheckpointHook, Hook
+from mmengine.logging import print_log
+from mmengine.runner import IterBasedTrainLoop
+
+from .atomic_save import write_text
+from .worker_lifetime import PREEMPTION_SIGNALS
+
+#: The exit status of a training stopped by a preemption signal after saving its
+#: checkpoint (EX_TEMPFAIL of sysexits.h: "try again later"); a failure exits with 1.
+PREEMPTED_EXIT_CODE = 75
+
+
+class TrainingPreempted(SystemExit):
+    """Ends the process with :data:`PREEMPTED_EXIT_CODE`, without a traceback, once the
+    checkpoint is saved."""
+
+    def __init__(self):
+        super().__init__(PREEMPTED_EXIT_CODE)
+
+
+class PreemptionHook(Hook):
+    """Saves a checkpoint and stops training after a preemption signal (see the module)."""
+
+    priority = 'LOWEST'  # after the schedulers' step, the logger and the checkpoint hook
+
+    def __init__(self):
+        self._received = 0  # the first signal received while training, 0 before one
+
+    @contextlib.contextmanager
+    def catching_signals(self):
+        """Catch SIGTERM and SIGUSR1 for the duration of the block (in the main thread;
+        signal handlers cannot be set in another)."""
+        if threading.current_thread() is not threading.main_thread():
+            print_log('Training runs outside the main thread, where no signal handler can '
+                      'be set: SIGTERM and SIGUSR1 end it without a checkpoint.',
+                      logger='current', level=logging.WARNING)
+            yield
+            return
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPTION_SIGNALS}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            self._received = 0
+
+    def _on_signal(self, signum, frame) -> None:
+        self._received = self._received or signum
+
+    def _agreed_signal(self) -> int:
+        """The signal any process received (the largest number), 0 when none did."""
+        if get_world_size() == 1:
+            return self._received
+        flag = torch.tensor([self._received], dtype=torch.int64)
+        all_reduce(flag, op='max')
+        return int(flag.item())
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        signum = self._agreed_signal()
+        if not signum:
+            return
+        iteration = runner.iter + 1
+        path = self._save(runner, iteration)
+        barrier()
+        at = f'iteration {iteration}' if isinstance(runner.train_loop, IterBasedTrainLoop) \
+            else f'epoch {runner.epoch + 1}, iteration {iteration}'
+        print_log(f'{signal.Signals(signum).name} received: saved {path} ({at}) and stopping '
+                  f'with exit code {PREEMPTED_EXIT_CODE}; train with --resume to continue '
+                  'from it.', logger='current', level=logging.WARNING)
+        raise TrainingPreempted()
+
+    @staticmethod
+    def _save(runner, iteration: int) -> str:
+        """Save ``iter_{iteration}.pth`` where the checkpoint hook saves (unless it just
+        did) and name it in ``last_checkpoint``; returns its path."""
+        hook = next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+        out_dir = getattr(hook, 'out_dir', None) or runner.work_dir
+        options = dict(file_client_args=getattr(hook, 'file_client_args', None),
+                       backend_args=getattr(hook, 'backend_args', None))
+        filename = f'iter_{iteration}.pth'
+        path = osp.join(out_dir, filename)
+        if runner.message_hub.get_info('last_ckpt') != path:
+            runner.save_checkpoint(out_dir, filename, by_epoch=False, **options)
+            runner.message_hub.update_info('last_ckpt', path)
+            if is_main_process():
+                write_text(osp.join(runner.work_dir, 'last_checkpoint'), path)
+        return path
