@@ -102,17 +102,12 @@ if torch.cuda.is_available():
                            for i in range(torch.cuda.device_count())})))' 2>/dev/null || true
 }
 
-# Which mmcv this set-up wants: "cpu", or "cuda ARCHS". A CUDA build runs the CPU ops too, so
-# one already installed is kept where no GPU is visible and --cuda was not given.
+# Which mmcv this set-up wants: "cpu", or "cuda ARCHS" with the architectures a build would
+# be for. Needs $gpus (visible_gpu_archs). A CUDA build runs the CPU ops too: one already
+# installed stays where no GPU is visible.
 wanted_build() {
-  local gpus installed built
-  gpus=$(visible_gpu_archs)
-  installed=$(mmcv_kind)
-  if [ "$want_cuda" = 1 ] || [ -n "$gpus" ]; then
+  if [ "$want_cuda" = 1 ] || [ -n "$gpus" ] || [ "$(mmcv_kind)" = cuda ]; then
     echo "cuda ${TORCH_CUDA_ARCH_LIST:-${gpus:-$DEFAULT_CUDA_ARCHS}}"
-  elif [ "$installed" = cuda ]; then
-    built=$(stamp_archs)
-    echo "cuda ${built:-$DEFAULT_CUDA_ARCHS}"
   else
     echo cpu
   fi
@@ -120,34 +115,47 @@ wanted_build() {
 
 stamp_archs() { sed -n 's/^mmcv=cuda archs=//p' "$stamp" 2>/dev/null || true; }
 
-# Whether the installed mmcv is the wanted build: same kind, and for CUDA every wanted
-# architecture among the built ones (an explicit TORCH_CUDA_ARCH_LIST must match exactly).
+# Whether the installed mmcv serves: the kind wanted, and for CUDA the architectures of every
+# visible GPU, or exactly those of an explicit TORCH_CUDA_ARCH_LIST.
 installed_matches() {
-  local want=$1 kind built arch
+  local kind built arch
   kind=$(mmcv_kind)
-  [ "$kind" = "${want%% *}" ] || return 1
+  [ "$kind" = "${1%% *}" ] || return 1
   [ "$kind" = cpu ] && return 0
   built=$(stamp_archs)
   if [ -n "${TORCH_CUDA_ARCH_LIST:-}" ]; then [ "$built" = "$TORCH_CUDA_ARCH_LIST" ]; return; fi
   [ -n "$built" ] || return 0  # built before the stamp recorded architectures
-  for arch in $(arch_words "${want#cuda }"); do
-    arch=${arch%+PTX}
-    [[ ";${built//+PTX/};" == *";$arch;"* ]] || return 1
+  for arch in $(arch_words "$gpus"); do
+    runs_on "$built" "$arch" || return 1
   done
+}
+
+# Whether code built for the architectures $1 runs on a GPU of architecture $2: a binary for
+# X.Y runs on X.Z with Z >= Y; PTX for X.Y on anything from X.Y on.
+runs_on() {
+  local built gpu=$2 major minor
+  for built in $(arch_words "$1"); do
+    major=${built%%.*} minor=${built#*.} minor=${minor%+PTX}
+    if [ "$major" = "${gpu%%.*}" ] && [ "$minor" -le "${gpu#*.}" ]; then return 0; fi
+    if [[ $built == *+PTX ]] && [ $((major * 10 + minor)) -le $((${gpu%%.*} * 10 + ${gpu#*.})) ]; then
+      return 0
+    fi
+  done
+  return 1
 }
 arch_words() { tr ';' ' ' <<<"$1"; }
 
 # The final check: mmcv's ops are the kind wanted, and the CPU ops run. For CUDA, _ext links
 # the CUDA runtime and holds the CUDA launchers of NMS, RoIAlign and sigmoid focal loss.
 check_mmcv_ops() {
-  local want=$1 ext symbols missing=()
+  local kind=$1 ext symbols missing=()
   ext=$(mmcv_ext)
   [ -n "$ext" ] || die "mmcv $MMCV_VERSION is not installed in .venv/"
   "$py" -c 'import torch; from mmcv.ops import nms
 boxes = torch.tensor([[0., 0., 10., 10.], [1., 1., 10., 10.], [20., 20., 30., 30.]])
 kept = nms(boxes, torch.tensor([0.9, 0.8, 0.7]), 0.5)[1]
 assert kept.tolist() == [0, 2], kept' || die "mmcv's CPU nms does not run (see above)"
-  if [ "${want%% *}" = cuda ]; then
+  if [ "$kind" = cuda ]; then
     links_cudart "$ext" \
       || die "$ext does not link the CUDA runtime: mmcv was built without CUDA ops"
     symbols=$(nm -D --defined-only "$ext")
@@ -156,15 +164,17 @@ assert kept.tolist() == [0, 2], kept' || die "mmcv's CPU nms does not run (see a
       grep -q "$name" <<<"$symbols" || missing+=("$name")
     done
     [ ${#missing[@]} = 0 ] || die "$ext lacks ${missing[*]}: mmcv's CUDA ops are incomplete"
-    say "mmcv $MMCV_VERSION has CUDA ops (libcudart, NMS/RoIAlign/focal-loss CUDA launchers) for architectures ${want#cuda }, and CPU ops"
+    say "mmcv $MMCV_VERSION has CUDA ops (libcudart, NMS/RoIAlign/focal-loss CUDA launchers) for architectures ${2:-unknown}, and CPU ops"
   else
     say "mmcv $MMCV_VERSION has CPU ops only (no GPU visible; 'bash tools/setup_env.sh --cuda' builds CUDA ops)"
   fi
 }
 
 if [ -f "$stamp" ] && [ "$(head -n1 "$stamp")" = "$fingerprint" ] && [ -x "$py" ]; then
+  gpus=$(visible_gpu_archs)
   want=$(wanted_build)
-  if installed_matches "$want" && check_imports && check_mmcv_ops "$want" >/dev/null; then
+  if installed_matches "$want" && check_imports \
+      && check_mmcv_ops "${want%% *}" "$(stamp_archs)" >/dev/null; then
     exit 0
   fi
 fi
@@ -222,6 +232,7 @@ use_cuda_toolkit() {
   export PATH="$home/bin:$PATH"
 }
 
+gpus=$(visible_gpu_archs)
 want=$(wanted_build)
 kind=${want%% *}
 if ! installed_matches "$want"; then
@@ -254,13 +265,14 @@ if ! installed_matches "$want"; then
   fi
   "$py" -m pip uninstall -y mmcv >/dev/null 2>&1 || true
   "${pip[@]}" "$wheels"/mmcv-*.whl
-  mmcv_line="mmcv=$kind${archs:+ archs=$archs}"
+elif [ "$kind" = cuda ]; then
+  archs=$(stamp_archs)
 else
-  mmcv_line=$(sed -n 2p "$stamp" 2>/dev/null || true)
+  archs=
 fi
 "${pip[@]}" --no-deps --no-build-isolation -e .
 
 check_imports
-check_mmcv_ops "$want"
-printf '%s\n%s\n' "$fingerprint" "${mmcv_line:-mmcv=$kind}" > "$stamp"
+check_mmcv_ops "$kind" "$archs"
+printf '%s\n%s\n' "$fingerprint" "mmcv=$kind${archs:+ archs=$archs}" > "$stamp"
 say ".venv is ready"
