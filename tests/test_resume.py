@@ -148,3 +148,58 @@ def test_a_late_resume_loads_only_the_batches_it_trains(tmp_path):
     stream = InfiniteSampler(dataset, shuffle=True, seed=0)
     assert dataset.reads == list(itertools.islice(iter(stream), 10000, 10004))
     assert torch.load(tmp_path / 'iter_5002.pth')['meta']['iter'] == 5002
+
+
+class FakeCuda:
+    """What torch.cuda answers in a process that sees ``count`` GPUs and uses ``current``:
+    a generator state per GPU, and an IndexError for a GPU index past the visible ones (as
+    torch's ``default_generators[index]``)."""
+
+    def __init__(self, count, current):
+        self.states = [torch.full((4,), i, dtype=torch.uint8) for i in range(count)]
+        self.current = current
+
+    def _index(self, device):
+        return self.current if device == 'cuda' else torch.device('cuda', device).index
+
+    def get_rng_state(self, device='cuda'):
+        return self.states[self._index(device)].clone()
+
+    def set_rng_state(self, new_state, device='cuda'):
+        self.states[self._index(device)][:] = new_state
+
+    def get_rng_state_all(self):
+        return [state.clone() for state in self.states]
+
+    def set_rng_state_all(self, new_states):
+        for device, state in enumerate(new_states):
+            self.set_rng_state(state, device)
+
+    def install(self, monkeypatch):
+        monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'is_initialized', lambda: True)
+        monkeypatch.setattr(torch.cuda, 'device_count', lambda: len(self.states))
+        monkeypatch.setattr(torch.cuda, 'current_device', lambda: self.current)
+        for name in ('get_rng_state', 'set_rng_state', 'get_rng_state_all',
+                     'set_rng_state_all'):
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+
+
+@pytest.mark.parametrize('count,current', [(4, 3), (1, 0)], ids=['4_gpus', '1_gpu_per_task'])
+def test_cuda_states_resume_with_fewer_visible_gpus(monkeypatch, count, current):
+    """A process that used GPU 5 of 8 stores that GPU's generator only; a process that sees
+    4 GPUs and uses GPU 3, or one GPU (Slurm binding one per task), gets it back on the GPU it
+    uses, and the other GPUs' generators stay as they were."""
+    from mmconvmlp.engine.resume_state import generator_states, set_generator_states
+    eight = FakeCuda(8, current=5)
+    eight.install(monkeypatch)
+    saved = generator_states()['cuda']
+    assert saved['device'] == 5 and torch.equal(saved['state'], eight.states[5])
+
+    fewer = FakeCuda(count, current)
+    fewer.install(monkeypatch)
+    before = fewer.get_rng_state_all()
+    set_generator_states(dict(generator_states(), cuda=saved))
+    after = fewer.get_rng_state_all()
+    assert torch.equal(after[current], eight.states[5])
+    assert all(torch.equal(after[i], before[i]) for i in range(count) if i != current)

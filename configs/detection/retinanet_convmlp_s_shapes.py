@@ -62,7 +62,9 @@ param_scheduler = [
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, T_max=max_epochs,
          eta_min_ratio=0.05, convert_to_iter_based=True),
 ]
-default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=max_epochs))
+# A checkpoint every epoch (the last two kept), so that a stopped or preempted run loses at
+# most an epoch: `--resume` continues from the latest.
+default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=1, max_keep_ckpts=2))
 # A fixed seed makes the run repeatable (for the same number of threads); unseeded runs
 # spread by a few points of mAP (see the README).
 randomness = dict(seed=0)

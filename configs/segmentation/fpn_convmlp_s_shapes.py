@@ -62,4 +62,9 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='PolyLR', power=0.9, eta_min=0.0, by_epoch=False, begin=100, end=max_iters),
 ]
-default_hooks = dict(logger=dict(interval=25), checkpoint=dict(interval=max_iters))
+# A checkpoint at every validation (the last two kept), so that a stopped or preempted run
+# loses at most 250 iterations: `--resume` continues from the latest.
+default_hooks = dict(logger=dict(interval=25),
+                     checkpoint=dict(interval=interval, max_keep_ckpts=2))
+# A fixed seed makes the run repeatable (for the same number of threads).
+randomness = dict(seed=0)
