@@ -360,3 +360,13 @@ def test_workers_ignore_others_signals_and_die_with_their_process():
         assert _gone(worker)
     finally:
         main.kill()
+
+
+def test_the_demo_configs_save_every_epoch_and_set_a_seed():
+    """A preempted demo loses at most an epoch (FPN: 250 iterations) and repeats."""
+    for name, interval in (('detection/retinanet_convmlp_s_shapes.py', 1),
+                           ('detection/mask_rcnn_convmlp_s_shapes.py', 1),
+                           ('segmentation/fpn_convmlp_s_shapes.py', 250)):
+        cfg = Config.fromfile(osp.join(ROOT, 'configs', name))
+        assert cfg.default_hooks.checkpoint.interval == interval, name
+        assert cfg.randomness.seed == 0, name
