@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Train on a Slurm cluster, one task per GPU.
+# Train on a Slurm cluster, one task per GPU (srun, in the foreground). For a batch job that
+# saves before its time limit or a preemption and requeues and resumes itself, submit
+# tools/slurm_sbatch.sh instead.
 # Usage: [GPUS=8] [GPUS_PER_NODE=8] [CPUS_PER_TASK=5] [SRUN_ARGS=...] \
 #        bash tools/slurm_train.sh PARTITION JOB_NAME CONFIG WORK_DIR [tools/train.py options]
 set -euo pipefail

@@ -6,7 +6,11 @@ backbones included.
                           [--launcher {none,pytorch,slurm,mpi}]
 
 Several processes: ``bash tools/dist_train.sh CONFIG NUM_PROCESSES [options]`` (GPUs, or
-gloo processes on the CPU when there is no CUDA).
+gloo processes on the CPU when there is no CUDA); on Slurm, ``sbatch tools/slurm_sbatch.sh``.
+
+Exit status: 0 when training ended, 75 when SIGTERM or SIGUSR1 stopped it after saving the
+current iteration (``--resume`` continues from it; mmconvmlp/engine/preemption.py), 1 on
+an error.
 
 A front end over :class:`mmconvmlp.engine.ConvMLPRunner` (the runner every config here
 names, which MMDetection's own tools/train.py builds too), for other configs as well.
