@@ -14,7 +14,9 @@ The released COCO and ADE20K checkpoints were written by MMDetection 2.x and MMS
   unpickles again with a restricted unpickler that resolves only the globals torch's
   ``weights_only`` mode allows and replaces every other global with an inert
   :class:`UnloadedGlobal` placeholder. Nothing named in the
-  file is imported or called, so a malicious global (``os.system``, ...) is never run.
+  file is imported or called, so a malicious global (``os.system``, ...) is never run, and
+  pickled state is restored only into the placeholders and dicts it creates, never into a
+  class or function the file names.
 * **Parameter names.** Between MMDetection 2.x and 3.x, and between MMSegmentation 0.x and
   1.x, the modules these models use kept their parameter names: FPN (``lateral_convs``,
   ``fpn_convs``), RetinaHead (``cls_convs``, ``reg_convs``, ``retina_cls``, ``retina_reg``),
@@ -42,9 +44,12 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
 
+import numpy as np
 import torch
 
 from .config_models import build_config_model
+from .engine.safe_loading import (CheckpointRefusedError, PickledDtype, numeric_array,
+                                  numeric_scalar)
 from .models.convmlp import ARCH_SETTINGS
 from .models.weights import CheckpointMismatchError, _listing, describe_mismatch
 
@@ -116,14 +121,39 @@ def _allowed_globals() -> Mapping[str, Any]:
     return _weights_only_unpickler._get_allowed_globals()
 
 
+def _restore_state(unpickler: pickle.Unpickler) -> None:
+    """BUILD (restore pickled state into the object below it) for the objects the
+    restricted unpickler creates itself: its placeholders (which only record the state)
+    and plain OrderedDicts (a state dict's ``_metadata``). Anything else (a class, a
+    function, a tensor that torch's allow-list let through) is refused: its state would
+    come from the file."""
+    stack = unpickler.stack
+    state, target = stack.pop(), stack[-1]
+    if isinstance(target, UnloadedGlobal):
+        target.__setstate__(state)
+    elif type(target) is OrderedDict and type(state) is dict \
+            and all(type(key) is str for key in state):
+        target.__dict__.update(state)
+    else:
+        name = getattr(target, '__qualname__', None) or type(target).__qualname__
+        raise pickle.UnpicklingError(
+            f'the pickle restores state into {name} ({type(target).__name__}), which the '
+            'converter allows only for the objects it creates')
+
+
 def _restricted_pickle_module(unloaded: Set[str]) -> types.ModuleType:
     """A ``pickle_module`` for ``torch.load`` whose unpickler resolves only the globals of
-    :func:`_allowed_globals` and records every other one in ``unloaded`` while handing back
-    an inert placeholder class."""
+    :func:`_allowed_globals`, records every other one in ``unloaded`` while handing back
+    an inert placeholder class, and restores state only into what it created
+    (:func:`_restore_state`). It is Python's own unpickler (``pickle._Unpickler``) with
+    those two steps replaced."""
     allowed = _allowed_globals()
     placeholders: Dict[str, type] = {}
 
-    class RestrictedUnpickler(pickle.Unpickler):
+    class RestrictedUnpickler(pickle._Unpickler):
+        dispatch = dict(pickle._Unpickler.dispatch)
+        dispatch[pickle.BUILD[0]] = _restore_state
+
         def find_class(self, module: str, name: str):
             full_name = f'{module}.{name}'
             if full_name in allowed:
@@ -151,53 +181,57 @@ def load_checkpoint_safely(path: str) -> Tuple[Any, List[str]]:
 
     Returns ``(object, unloaded)``: ``unloaded`` lists, sorted, the globals (``module.name``)
     that were replaced by :class:`UnloadedGlobal` placeholders; it is empty when
-    ``torch.load(weights_only=True)`` accepted the file as it is. Tensors load as usual."""
+    ``torch.load(weights_only=True)`` accepted the file as it is. Tensors load as usual.
+    Raises :class:`~mmconvmlp.engine.safe_loading.CheckpointRefusedError` for a pickle that
+    would restore state into anything but the placeholders and dicts it creates."""
     try:
         return torch.load(path, map_location='cpu', weights_only=True), []
     except pickle.UnpicklingError:
         pass
     unloaded: Set[str] = set()
-    obj = torch.load(path, map_location='cpu', weights_only=False,
-                     pickle_module=_restricted_pickle_module(unloaded))
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=False,
+                         pickle_module=_restricted_pickle_module(unloaded))
+    except pickle.UnpicklingError as error:
+        raise CheckpointRefusedError(f'{path} was refused: {error}. Nothing in it was run; '
+                                     'it is no checkpoint the converter reads.') from None
     return obj, sorted(unloaded)
 
 
-def _numpy_dtype(obj: Any):
-    """The numeric numpy dtype a pickled ``numpy.dtype`` placeholder describes, or None."""
-    import numpy as np
-    if not (isinstance(obj, UnloadedGlobal) and obj.global_name.startswith('numpy.')
-            and obj.global_name.endswith('.dtype') and obj.args
-            and isinstance(obj.args[0], str)):
+def _numpy_dtype(obj: Any) -> Optional[np.dtype]:
+    """The numeric numpy dtype a pickled ``numpy.dtype`` placeholder describes, or None
+    (checked as safe loading checks it: numbers only, no fields, sub-arrays or flags)."""
+    if not (isinstance(obj, UnloadedGlobal) and obj.global_name == 'numpy.dtype'
+            and obj.args):
         return None
     try:
-        dtype = np.dtype(obj.args[0])
-    except TypeError:
+        spec = PickledDtype(obj.args[0])
+        if obj.state is not None:
+            spec.__setstate__(obj.state)
+    except pickle.UnpicklingError:
         return None
-    if dtype.kind not in 'biufc':  # numbers only: no object, string or structured dtypes
-        return None
-    order = obj.state[1] if isinstance(obj.state, tuple) and len(obj.state) > 1 else None
-    return dtype.newbyteorder(order) if order in ('<', '>') else dtype
+    return spec.dtype
 
 
 def numpy_value(obj: UnloadedGlobal) -> Any:
     """The Python number or nested list behind a placeholder of a pickled numeric numpy
-    scalar or array, read from its raw bytes (numpy never unpickles anything); None for
-    anything else."""
-    import numpy as np
+    scalar or array, read from its raw bytes with the checks of safe loading (numpy never
+    unpickles anything); None for anything else."""
     name = obj.global_name
-    if not name.startswith('numpy.'):
+    try:
+        if name in ('numpy._core.multiarray.scalar', 'numpy.core.multiarray.scalar') \
+                and len(obj.args) == 2:
+            dtype = _numpy_dtype(obj.args[0])
+            return None if dtype is None else numeric_scalar(dtype, obj.args[1]).item()
+        if name in ('numpy._core.multiarray._reconstruct',
+                    'numpy.core.multiarray._reconstruct') and type(obj.state) is tuple \
+                and len(obj.state) == 5:
+            _, shape, dtype, fortran, raw = obj.state
+            dtype = _numpy_dtype(dtype)
+            return None if dtype is None else numeric_array(shape, dtype, fortran,
+                                                            raw).tolist()
+    except pickle.UnpicklingError:
         return None
-    if name.endswith('.scalar') and len(obj.args) == 2 and isinstance(obj.args[1], bytes):
-        dtype = _numpy_dtype(obj.args[0])
-        if dtype is not None and len(obj.args[1]) == dtype.itemsize:
-            return np.frombuffer(obj.args[1], dtype)[0].item()
-    if name.endswith('._reconstruct') and isinstance(obj.state, tuple) and len(obj.state) == 5:
-        _, shape, dtype, fortran, raw = obj.state
-        dtype = _numpy_dtype(dtype)
-        if dtype is not None and isinstance(raw, bytes) and isinstance(shape, tuple) and \
-                len(raw) == dtype.itemsize * int(np.prod(shape)):
-            return np.frombuffer(raw, dtype).reshape(shape, order='F' if fortran else 'C'
-                                                     ).tolist()
     return None
 
 

@@ -17,7 +17,7 @@ from mmengine.runner import load_checkpoint
 from torch.utils.data import DataLoader, TensorDataset
 
 from mmconvmlp.engine import (CheckpointRefusedError, CheckpointUnreadableError,
-                              ConvMLPRunner)
+                              ConvMLPRunner, install_excepthook)
 from mmconvmlp.engine.command_line import make_parser
 from mmconvmlp.engine.cpu_processes import LAUNCHER_VARIABLES, LauncherError
 from mmconvmlp.models import ConvMLP
@@ -169,9 +169,11 @@ def test_init_cfg_loads_the_backbone_of_a_detector_checkpoint(tmp_path):
         assert torch.equal(value, trained[name]), name
 
 
-def test_readable_errors_print_without_a_traceback(capsys):
+def test_readable_errors_print_without_a_traceback(capsys, monkeypatch):
     """An uncaught refusal in a script prints its message alone; other errors as usual
-    (sys.excepthook is what Python calls for an uncaught error)."""
+    (sys.excepthook, which the tools install, is what Python calls for an uncaught error)."""
+    monkeypatch.setattr(sys, 'excepthook', sys.__excepthook__)
+    install_excepthook()
     for error in (CheckpointRefusedError('bad.pth was refused'), ValueError('plain')):
         try:
             raise error

@@ -19,6 +19,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 from mmengine.config import ConfigDict  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 
+from mmconvmlp.engine import install_excepthook  # noqa: E402
 from mmconvmlp.engine.command_line import load_config, make_parser  # noqa: E402
 
 PICKLE = ('.pkl', '.pickle')
@@ -43,6 +44,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    install_excepthook()  # mmconvmlp's readable errors print without a traceback
     args = parse_args(argv)
     cfg = load_config(args)
     cfg.load_from = args.checkpoint

@@ -22,6 +22,7 @@ sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.registry import RUNNERS  # noqa: E402
 
+from mmconvmlp.engine import install_excepthook  # noqa: E402
 from mmconvmlp.engine.command_line import load_config, make_parser  # noqa: E402
 from mmconvmlp.engine.precision import use_amp  # noqa: E402
 
@@ -44,6 +45,7 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
+    install_excepthook()  # mmconvmlp's readable errors print without a traceback
     args = parse_args(argv)
     cfg = load_config(args)
     if args.amp:

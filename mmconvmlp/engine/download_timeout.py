@@ -1,71 +1,95 @@
-"""Checkpoint downloads that give up on a silent server.
+"""Checkpoint downloads that give up on a silent server, each with its own timeout.
 
 mmengine downloads ``http(s)://`` checkpoints (``init_cfg``, ``load_from``, test.py's
-checkpoint, ``open-mmlab://`` and the other model-zoo schemes) through torch.hub's
-``download_url_to_file``, which opens the URL without a timeout: a server that accepts the
-connection and never answers hangs the run for ever. :func:`add_download_timeout` makes
-every loader registered with mmengine's ``CheckpointLoader`` open its sockets with a
-timeout (``MMCONVMLP_DOWNLOAD_TIMEOUT`` seconds between two answers of the server, 60 by
-default) and turns a timeout into :class:`CheckpointDownloadError`. torch.hub writes the
-download under a temporary name and removes it on an error, so nothing partial is left in
-the cache. Called when mmconvmlp.engine is imported.
+checkpoint) through torch.hub, which opens the URL without a timeout: a server that accepts
+the connection and never answers hangs the run for ever. :func:`cache_url` downloads such a
+file into torch.hub's cache first (where mmengine's loader then finds it), opening the URL
+with a timeout of ``MMCONVMLP_DOWNLOAD_TIMEOUT`` seconds between two answers of the server
+(60 by default): this one request's, not the socket module's default. The file is written
+under a temporary name and renamed once complete, so a failed download leaves nothing in the
+cache. A timeout, an HTTP error or an unreachable server raises
+:class:`CheckpointDownloadError`. mmengine's ``CheckpointLoader`` calls it through
+:mod:`.safe_loading`.
 """
-import functools
 import os
-import socket
+import os.path as osp
+import shutil
+import sys
+import tempfile
 import urllib.error
-from typing import Callable
-
-from mmengine.runner.checkpoint import CheckpointLoader
+import urllib.request
+from urllib.parse import urlparse
 
 from .readable_errors import ReadableError
 
+VARIABLE = 'MMCONVMLP_DOWNLOAD_TIMEOUT'
 DEFAULT_TIMEOUT_S = 60.0
 
 
-class CheckpointDownloadError(ReadableError, TimeoutError):
-    """A checkpoint URL whose server stopped answering."""
+class CheckpointDownloadError(ReadableError, OSError):
+    """A checkpoint URL whose server stopped answering, answered with an error or could not
+    be reached."""
+
+
+class DownloadSettingError(ReadableError, ValueError):
+    """``MMCONVMLP_DOWNLOAD_TIMEOUT`` is set to something other than a number of seconds."""
 
 
 def download_timeout() -> float:
     """Seconds a download waits for the server: ``MMCONVMLP_DOWNLOAD_TIMEOUT`` or 60."""
-    value = os.environ.get('MMCONVMLP_DOWNLOAD_TIMEOUT', '')
-    try:
-        return float(value) if float(value) > 0 else DEFAULT_TIMEOUT_S
-    except ValueError:
+    value = os.environ.get(VARIABLE, '').strip()
+    if not value:
         return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = float('nan')
+    if not 0 < seconds < float('inf'):
+        raise DownloadSettingError(
+            f'{VARIABLE}={value!r}: give the seconds a checkpoint download waits for the '
+            f'server as a positive number (e.g. {VARIABLE}=120), or unset it for '
+            f'{DEFAULT_TIMEOUT_S:g} s.')
+    return seconds
 
 
-def _is_timeout(error: Exception) -> bool:
-    if isinstance(error, urllib.error.URLError):
-        error = error.reason if isinstance(error.reason, Exception) else error
-    return isinstance(error, (socket.timeout, TimeoutError))
+def cached_path(url: str) -> str:
+    """Where torch.hub (and so mmengine's ``load_from_http``) keeps the file of ``url``."""
+    import torch.hub
+    return osp.join(torch.hub.get_dir(), 'checkpoints', osp.basename(urlparse(url).path))
 
 
-def _with_timeout(loader: Callable) -> Callable:
-    @functools.wraps(loader)  # keeps __name__: mmengine logs it
-    def load(filename, *args, **kwargs):
-        timeout = download_timeout()
-        previous = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(timeout)
-        try:
-            return loader(filename, *args, **kwargs)
-        except Exception as error:
-            if not _is_timeout(error):
-                raise
-            raise CheckpointDownloadError(
-                f'{filename}: the server sent nothing for {timeout:g} s, so the download was '
-                'given up (nothing was left in the cache). Check the URL and the network and '
-                'try again (MMCONVMLP_DOWNLOAD_TIMEOUT sets the seconds to wait), or download '
-                'the file yourself and give its path instead.') from None
-        finally:
-            socket.setdefaulttimeout(previous)
-    load.has_download_timeout = True
-    return load
+def _failure(url: str, error: Exception, timeout: float) -> str:
+    if isinstance(error, urllib.error.HTTPError):
+        what = f'the server answered {error.code} {error.reason}'
+    elif isinstance(getattr(error, 'reason', None), TimeoutError) or \
+            isinstance(error, TimeoutError):
+        what = (f'the server sent nothing for {timeout:g} s, so the download was given up '
+                f'({VARIABLE} sets the seconds to wait)')
+    else:
+        what = f'it could not be downloaded ({getattr(error, "reason", error)})'
+    return (f'{url}: {what}; nothing was left in the cache. Check the URL and the network '
+            'and try again, or download the file yourself and give its path instead.')
 
 
-def add_download_timeout() -> None:
-    """Give every registered checkpoint loader the download timeout (see the module)."""
-    for prefix, loader in list(CheckpointLoader._schemes.items()):
-        if not getattr(loader, 'has_download_timeout', False):
-            CheckpointLoader.register_scheme(prefix, _with_timeout(loader), force=True)
+def cache_url(url: str) -> str:
+    """The local copy of the checkpoint at ``url`` in torch.hub's cache, downloaded now
+    unless it is there (see the module)."""
+    path = cached_path(url)
+    if osp.isfile(path) or not osp.basename(path):
+        return path
+    timeout = download_timeout()
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    sys.stderr.write(f'Downloading: "{url}" to {path}\n')
+    request = urllib.request.Request(url, headers={'User-Agent': 'mmconvmlp'})
+    partial = tempfile.NamedTemporaryFile(dir=osp.dirname(path), prefix='.partial-',
+                                          delete=False)
+    try:
+        with partial, urllib.request.urlopen(request, timeout=timeout) as answer:
+            shutil.copyfileobj(answer, partial, 1 << 20)
+        os.replace(partial.name, path)
+    except (OSError, urllib.error.URLError) as error:
+        raise CheckpointDownloadError(_failure(url, error, timeout)) from None
+    finally:
+        if osp.exists(partial.name):
+            os.remove(partial.name)
+    return path

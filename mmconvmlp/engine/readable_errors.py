@@ -1,9 +1,11 @@
 """Errors whose message says all a user needs: what was wrong and what to do.
 
-Uncaught in a script (our tools, mmdet's and mmseg's own ``tools/train.py`` and
-``tools/test.py`` with our configs), such an error prints its message alone, without a
-traceback; the script exits with status 1 as usual. Every other exception prints as Python
-prints it. The hook is installed when mmconvmlp is imported.
+Uncaught in a script, such an error prints its message alone, without a traceback; the
+script exits with status 1 as usual. Every other exception prints as Python prints it. The
+hook that does this (:func:`install_excepthook`) is installed by the tools here when they
+start and by :class:`~.runner.ConvMLPRunner` when it is built (so mmdet's and mmseg's own
+``tools/train.py`` and ``tools/test.py`` with our configs print them so too), never by
+importing mmconvmlp.
 """
 import sys
 

@@ -49,6 +49,7 @@ from .cuda_ops import check_mmcv_cuda_ops
 from .data_check import TEST_SECTIONS, TRAIN_SECTIONS, VAL_SECTIONS, check_data
 from .data_errors import DataContentsHook, readable_data_errors
 from .preemption import PreemptionHook
+from .readable_errors import install_excepthook
 from .resumable_loader import resumable_loader
 from .resume_state import ResumeStateHook
 from .weights_fit import CheckWeightsFitHook
@@ -64,6 +65,7 @@ class ConvMLPRunner(Runner):
     @classmethod
     def from_cfg(cls, cfg) -> 'ConvMLPRunner':
         cfg = copy.deepcopy(cfg)
+        install_excepthook()  # mmdet's and mmseg's own tools print our errors in one line too
         check_launcher_environment(cfg.get('launcher', 'none'))
         check_mmcv_cuda_ops()
         set_cpu_threads()

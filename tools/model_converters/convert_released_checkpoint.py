@@ -10,7 +10,8 @@ the model of the matching config (read off the weights, e.g.
 configs/detection/mask_rcnn_convmlp_m_coco.py) or of --config. The output holds
 ``state_dict`` and plain ``meta`` (classes, palette, the old metadata as text); the
 optimizer state is left out. Exits with status 1, naming the entries, when something cannot
-be mapped or does not fit the model; nothing is written then.
+be mapped or does not fit the model, and naming what the file asks for when its pickle would
+restore state into anything but what the reader creates; nothing is written then.
 """
 import argparse
 import os.path as osp
@@ -39,12 +40,13 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     from mmconvmlp.checkpoints import convert_released_checkpoint
+    from mmconvmlp.engine import ReadableError
     from mmconvmlp.models import CheckpointMismatchError
     try:
         report = convert_released_checkpoint(args.src, args.dst, config=args.config,
                                              check=not args.no_check,
                                              allow_unmapped=args.allow_unmapped)
-    except CheckpointMismatchError as error:
+    except (CheckpointMismatchError, ReadableError) as error:
         print(f'Not converted: {error}', file=sys.stderr)
         return 1
     print(report.summary(), end='')
