@@ -117,6 +117,7 @@ def test_json_boxes_equal_test_py_out(workspace, folder_run):
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'test.py'), RETINANET, detector,
          '--out', 'test_out.pkl', '--work-dir', 'test_work_dir',
+         '--precision', 'auto',  # infer.py's default
          '--cfg-options', 'test_dataloader.batch_size=1'],
         cwd=root, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]

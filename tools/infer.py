@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 # mmconvmlp registers ConvMLP and lets torch's safe loading read mmengine's checkpoints.
 from mmconvmlp.engine import ReadableError  # noqa: E402
 from mmconvmlp.engine.weights_fit import check_weights_fit  # noqa: E402
+from mmconvmlp.engine.inference_precision import PRECISIONS, prepare_inference  # noqa: E402
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
@@ -50,6 +51,11 @@ def parse_args(argv=None):
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: draw the predictions scoring at least this (default '
                              '0.3); the JSON keeps them all, with their scores')
+    parser.add_argument('--precision', choices=PRECISIONS, default='auto',
+                        help='auto (default: bfloat16 where the CPU or GPU has bfloat16 units, '
+                             'float16 on older GPUs, else float32), float32, bfloat16 or '
+                             'float16: backbone, neck and heads in it, post-processing in '
+                             'float32')
     parser.add_argument('--device', help='cpu, cuda, cuda:1, ... (default: cuda if available, '
                                           'else cpu)')
     return parser.parse_args(argv)
@@ -273,6 +279,7 @@ def main(argv=None):
         kind, paths = list_inputs(args.input)
         inferencer = build_inferencer(args.config, args.checkpoint,
                                       args.device or default_device())
+        print(f'precision: {prepare_inference(inferencer.model, args.precision)}')
         if kind == 'video':
             video_file, json_file, count = run_on_video(inferencer, paths[0], args.out_dir,
                                                         args.score_thr)

@@ -2,7 +2,7 @@
 config), ConvMLP backbones included.
 
     python tools/test.py CONFIG CHECKPOINT [--work-dir DIR] [--out PATH] [--show]
-                         [--show-dir DIR] [--tta] [--cfg-options KEY=VALUE ...]
+                         [--show-dir DIR] [--tta] [--precision P] [--cfg-options KEY=VALUE ...]
                          [--launcher {none,pytorch,slurm,mpi}]
 
 The metrics are printed and written as JSON to WORK_DIR/TIMESTAMP/TIMESTAMP.json.
@@ -17,10 +17,13 @@ import sys
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
 from mmengine.config import ConfigDict  # noqa: E402
+from mmengine.logging import print_log  # noqa: E402
 from mmengine.registry import RUNNERS  # noqa: E402
 
 from mmconvmlp.engine import install_excepthook  # noqa: E402
 from mmconvmlp.engine.command_line import load_config, make_parser  # noqa: E402
+from mmconvmlp.engine.inference_precision import (PRECISIONS,  # noqa: E402
+                                                  prepare_inference)
 
 PICKLE = ('.pkl', '.pickle')
 
@@ -40,14 +43,24 @@ def parse_args(argv=None):
                         help='seconds each image is shown with --show')
     parser.add_argument('--tta', action='store_true', help='test-time augmentation with '
                         'the config\'s tta_model and tta_pipeline')
+    parser.add_argument('--precision', choices=PRECISIONS, default='float32',
+                        help='float32 (default), auto (bfloat16 where the CPU or GPU has '
+                             'bfloat16 units, float16 on older GPUs), bfloat16 or float16: '
+                             'backbone, neck and heads in it, post-processing in float32')
     return parser.parse_args(argv)
 
 
-def main(argv=None):
+def main(argv=None) -> dict:
+    """Test the checkpoint; returns the metrics."""
     install_excepthook()  # mmconvmlp's readable errors print without a traceback
     args = parse_args(argv)
     cfg = load_config(args)
     cfg.load_from = args.checkpoint
+    # A test run builds nothing of training. mmseg 1.2.2's SegVisualizationHook (--show,
+    # --show-dir) draws with step=runner.iter, which builds the training loop, and with it
+    # the training data set, unless there is none.
+    for key in ('train_dataloader', 'train_cfg', 'optim_wrapper', 'param_scheduler'):
+        cfg[key] = None
     if '://' not in args.checkpoint and not osp.isfile(args.checkpoint):
         sys.exit(f'No such checkpoint file: {args.checkpoint}')
     scope = cfg.get('default_scope')
@@ -81,7 +94,9 @@ def main(argv=None):
         else:
             from mmengine.evaluator import DumpResults as Dump
         runner.test_evaluator.metrics.append(Dump(out_file_path=args.out))
-    runner.test()
+    print_log(f'Inference precision: {prepare_inference(runner.model, args.precision)}',
+              logger='current')
+    return runner.test()
 
 
 if __name__ == '__main__':

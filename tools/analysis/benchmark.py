@@ -1,8 +1,9 @@
 """Inference speed and memory of whole mmdet detectors and mmseg segmentors, built from their
-configs, on synthetic images: no weights and no data needed.
+configs, on synthetic images: no data needed.
 
     python tools/analysis/benchmark.py CONFIG [CONFIG ...] [--shape H W] [--batch N]
-        [--repeats N] [--amp] [--compile] [--device D]
+        [--repeats N] [--precision auto|float32|bfloat16|float16] [--checkpoint FILE]
+        [--compile] [--device D]
 
     python tools/analysis/benchmark.py configs/detection/retinanet_convmlp_s_coco.py \\
         mmdet::retinanet/retinanet_r50_fpn_1x_coco.py --shape 800 1216 --repeats 3
@@ -13,23 +14,35 @@ A CONFIG is a file, or a config of an installed package named as in ``_base_``
 padding), backbone, neck, head and post-processing (box decoding and NMS, mask pasting,
 resizing of segmentation logits), all of inference but reading and resizing the images.
 
-The models have random weights: they are built from their configs and ``init_weights`` is
-never called, so nothing is downloaded or loaded (stock configs name pretrained ImageNet
-backbones, and those are not fetched). The network's work does not depend on the weights;
-post-processing does a little, through how many boxes pass the score threshold.
+The weights are those training starts from: the model is built and ``init_weights`` runs,
+with every pretrained checkpoint of the config (``init_cfg`` Pretrained, mmseg's
+``pretrained``) left out, so nothing is downloaded and the backbone is random. The heads get
+their initial biases, so as few boxes pass the score threshold as in a trained model, not
+almost every anchor. ``--checkpoint FILE`` (one CONFIG) times a trained model instead. The
+network's work does not depend on the weights; post-processing does, through how many boxes
+pass the score threshold, which the ``boxes/img`` column gives (kept boxes, after NMS).
 
-Each config gets one untimed run, then ``--repeats`` timed ones. A row gives the median
-latency per batch with the fastest and slowest run, ``img/s`` (batch / median latency) and
-the peak memory: on the CPU the process's peak resident set size during that config's runs
-(model, inputs and Python included), on CUDA ``torch.cuda.max_memory_allocated``.
-``--amp``: float16 autocast on CUDA; on the CPU bfloat16 autocast of the backbone and neck
-where this CPU runs it fast (:func:`mmconvmlp.engine.precision.cpu_bfloat16_speed`), else
-float32, as the header says (the heads stay float32 there: mmcv's CPU ops have no bfloat16
-kernels). ``--compile`` compiles the backbone with ``torch.compile``: a ConvMLP through its
+``--precision`` (default ``auto``) is that of ``tools/infer.py``
+(:func:`mmconvmlp.engine.inference_precision.prepare_inference`): bfloat16 on CPUs with
+bfloat16 units and GPUs with compute capability 8.0+, float16 on older GPUs, float32
+elsewhere; backbone, neck and heads in it, post-processing in float32; on the CPU mmcv's
+RoIAlign runs torchvision's kernel. The header says what was chosen and why.
+
+Each config's model in each precision gets one untimed run, then ``--repeats`` timed ones,
+the precisions in turn (a model per precision, run alternately, so a busier moment of the
+machine hits them alike). A row gives the median latency per batch with the fastest and
+slowest run, ``img/s`` (batch / median latency), the peak memory during the untimed run (on
+the CPU the process's peak resident set size: model, inputs and Python included, and the
+config's models in the precisions before; on CUDA ``torch.cuda.max_memory_allocated``), the
+boxes a detector kept per image and, with several precisions, the median and range over the
+rounds of the first precision's time over this one's.
+``--compile`` compiles the backbone with ``torch.compile``: a ConvMLP through its
 ``compile=True``, any other backbone with :func:`mmconvmlp.models.compiled.compile_forward`;
 the untimed run compiles, and its time (``first run s``) is reported apart.
 """
 import argparse
+import copy
+import functools
 import gc
 import logging
 import os.path as osp
@@ -37,7 +50,7 @@ import re
 import statistics
 import sys
 import time
-from contextlib import nullcontext
+import warnings
 from typing import Callable, List, Optional, Tuple
 
 ROOT = osp.dirname(osp.dirname(osp.dirname(osp.abspath(__file__))))
@@ -45,8 +58,8 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from mmconvmlp.config_models import build_eval_model, load_model_config  # noqa: E402
-from mmconvmlp.engine.readable_errors import UsageError, first_line  # noqa: E402
+from mmconvmlp.config_models import build_config_model, load_model_config  # noqa: E402
+from mmconvmlp.engine.readable_errors import ReadableError, UsageError, first_line  # noqa: E402
 from mmconvmlp.machine import describe_device  # noqa: E402
 
 #: Smallest image side: every model here downsamples by 32 and pads to a multiple of it.
@@ -115,54 +128,6 @@ class PeakMemory:
             return peak / 2**20 if sys.platform == 'darwin' else peak / 1024
 
 
-def choose_precision(device: torch.device, amp: bool) -> Tuple[Optional[torch.dtype], str]:
-    """(autocast dtype or None, what the header says about it)."""
-    if not amp:
-        return None, 'float32'
-    if device.type == 'cuda':
-        return torch.float16, 'float16 autocast (--amp)'
-    if device.type != 'cpu':
-        raise UsageError(f'--amp is for cuda and cpu devices, not {device.type}.')
-    from mmconvmlp.engine.precision import cpu_bfloat16_speed
-    ratio = cpu_bfloat16_speed()
-    if ratio < 1:
-        return torch.bfloat16, (f'bfloat16 autocast in backbone and neck, float32 heads '
-                                f'(--amp; a bfloat16 probe ran {1 / ratio:.1f}x as fast as '
-                                f'float32 here; mmcv\'s CPU ops have no bfloat16 kernels)')
-    return None, (f'float32: --amp asked for bfloat16, but a bfloat16 probe ran {ratio:.0f}x '
-                  f'slower than float32 on this CPU (no bfloat16 units), so it stays float32')
-
-
-def autocast_features(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Run ``model.extract_feat`` (backbone and neck) under CPU autocast to ``dtype`` and
-    hand its maps on in float32: the heads' mmcv ops (NMS, RoIAlign) have no bfloat16 CPU
-    kernels."""
-    extract_feat = model.extract_feat
-
-    def extract_feat_autocast(inputs: torch.Tensor):
-        with torch.autocast('cpu', dtype=dtype):
-            return tuple(feature.float() for feature in extract_feat(inputs))
-
-    model.extract_feat = extract_feat_autocast
-
-
-def time_runs(run: Callable[[], object], repeats: int, sync: Callable[[], None]
-              ) -> Tuple[float, List[float]]:
-    """Seconds of one untimed first call of ``run`` (where a compiled model compiles), and of
-    each of ``repeats`` calls after it."""
-    start = time.perf_counter()
-    run()
-    sync()
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        sync()
-        times.append(time.perf_counter() - start)
-    return first, times
-
-
 def compile_backbone_cfg(cfg) -> bool:
     """Set ``compile=True`` on a ConvMLP backbone in ``cfg`` (an mmengine Config); False
     where the backbone is of another type."""
@@ -173,41 +138,131 @@ def compile_backbone_cfg(cfg) -> bool:
     return True
 
 
+def without_pretrained(node):
+    """A copy of a model config (dicts and lists within) without the checkpoints it would
+    load in ``init_weights``: ``init_cfg`` entries of type Pretrained and string
+    ``pretrained`` keys (mmseg's ``model.pretrained``, older backbones') are dropped."""
+    if isinstance(node, (list, tuple)):
+        return type(node)(without_pretrained(item) for item in node)
+    if not isinstance(node, dict):
+        return node
+    copy = type(node)()
+    for key, value in node.items():
+        if key == 'pretrained' and isinstance(value, str):
+            continue
+        if key == 'init_cfg':
+            entries = value if isinstance(value, (list, tuple)) else [value]
+            entries = [e for e in entries if not (isinstance(e, dict)
+                                                  and e.get('type') == 'Pretrained')]
+            if not entries:
+                continue
+            value = entries if isinstance(value, (list, tuple)) else entries[0]
+        copy[key] = without_pretrained(value)
+    return copy
+
+
+def build_model(cfg, device: torch.device, checkpoint: Optional[str] = None
+                ) -> torch.nn.Module:
+    """The config's model on ``device`` in eval mode, initialised as training starts
+    (``init_weights`` without pretrained checkpoints: nothing is downloaded), then given the
+    weights of ``checkpoint`` where one is named (it must fit the model). SyncBN layers become
+    plain BatchNorm (the same in eval mode, and no process group)."""
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.runner import CheckpointLoader, load_state_dict
+
+    from mmconvmlp.engine.weights_fit import check_weights_fit
+    cfg.model = without_pretrained(cfg.model)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # deprecation notes of stock models' arguments
+        model = build_config_model(cfg)
+        model.init_weights()
+    if checkpoint is not None:
+        loaded = CheckpointLoader.load_checkpoint(checkpoint, map_location='cpu')
+        check_weights_fit(model, loaded, checkpoint)
+        state = loaded.get('state_dict', loaded)
+        load_state_dict(model, {k[len('module.'):] if k.startswith('module.') else k: v
+                                for k, v in state.items()})
+    return revert_sync_batchnorm(model).to(device).eval()
+
+
+def device_sync(device: torch.device) -> Callable[[], None]:
+    """What waits until ``device`` has done its queued work: CUDA's synchronize of that
+    very GPU (the current one may be another), nothing on the CPU."""
+    if device.type == 'cuda':
+        return functools.partial(torch.cuda.synchronize, device)
+    return lambda: None
+
+
+def kept_boxes(outputs) -> Optional[float]:
+    """Boxes per image a detector kept (passing its score threshold and NMS); None for
+    segmentors."""
+    counts = [len(sample.pred_instances) for sample in outputs
+              if 'pred_instances' in sample]
+    return sum(counts) / len(counts) if counts else None
+
+
+class Model:
+    """One config's model set up in one precision, with the figures of its runs."""
+
+    def __init__(self, name: str, cfg, scope: str, device: torch.device, precision: str,
+                 checkpoint: Optional[str], compile: bool):
+        from mmconvmlp.engine.inference_precision import prepare_inference
+        from mmconvmlp.models.compiled import compile_forward
+        self.name, self.scope, self.precision = name, scope, precision
+        cfg = copy.deepcopy(cfg)
+        compiled_by_cfg = compile and compile_backbone_cfg(cfg)
+        self.model = build_model(cfg, device, checkpoint)
+        if compile and not compiled_by_cfg:
+            compile_forward(self.model.backbone)
+        self.how = prepare_inference(self.model, precision, device)
+        self.sync = device_sync(device)
+        self.outputs, self.times = [], []
+
+    def run(self, data: dict) -> float:
+        """Seconds of one ``test_step`` on ``data``, to the device's end of the work."""
+        from mmengine.registry import DefaultScope
+        start = time.perf_counter()
+        try:
+            with DefaultScope.overwrite_default_scope(self.scope), torch.no_grad():
+                self.outputs = self.model.test_step(data)
+            self.sync()
+        except Exception as error:  # any failure inside the model, told in one line
+            shape = 'x'.join(map(str, data['inputs'][0].shape))
+            raise InferenceError(f'{self.name}: inference on {len(data["inputs"])}x{shape} '
+                                 f'failed: {type(error).__name__}: {first_line(error)}'
+                                 ) from error
+        return time.perf_counter() - start
+
+
 def benchmark(name: str, cfg, scope: str, device: torch.device, shape: Tuple[int, int],
-              batch: int, repeats: int, dtype: Optional[torch.dtype], memory: PeakMemory,
-              compile: bool = False) -> dict:
-    """Build one model and time ``test_step``; returns the figures of its row."""
-    from mmengine.registry import DefaultScope
-
-    from mmconvmlp.models.compiled import compile_forward
-    compiled_by_cfg = compile and compile_backbone_cfg(cfg)
-    model = build_eval_model(cfg, device)
-    if compile and not compiled_by_cfg:
-        compile_forward(model.backbone)
+              batch: int, repeats: int, precisions: List[str], memory: PeakMemory,
+              compile: bool = False, checkpoint: Optional[str] = None) -> List[dict]:
+    """Build the config's model once per precision and time ``test_step``: one untimed
+    run each (the peak memory is taken there), then ``repeats`` rounds of one run of each
+    in turn. Returns the figures of each precision's row, with the speed-up of each round
+    over the first precision's run of that round."""
     data = synthetic_batch(scope, batch, *shape)
-    autocast = nullcontext()
-    if dtype == torch.bfloat16:
-        autocast_features(model, dtype)
-    elif dtype is not None:
-        autocast = torch.autocast(device.type, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == 'cuda' else (lambda: None)
-
-    def run():
-        with DefaultScope.overwrite_default_scope(scope), torch.no_grad(), autocast:
-            return model.test_step(data)
-
-    memory.reset()
-    try:
-        first, times = time_runs(run, repeats, sync)
-    except Exception as error:  # any failure inside the model, told in one line
-        raise InferenceError(f'{name}: inference on {batch}x3x{shape[0]}x{shape[1]} failed: '
-                             f'{type(error).__name__}: {first_line(error)}') from error
-    peak = memory.peak_mb()
-    del model, data
-    median = statistics.median(times)
-    return dict(config=osp.basename(name), img_per_s=batch / median, median_ms=median * 1e3,
-                min_ms=min(times) * 1e3, max_ms=max(times) * 1e3, memory_mb=peak,
-                first_s=first)
+    models = []
+    for precision in precisions:
+        memory.reset()
+        model = Model(name, cfg, scope, device, precision, checkpoint, compile)
+        model.first = model.run(data)
+        model.memory_mb = memory.peak_mb()
+        models.append(model)
+    for _ in range(repeats):
+        for model in models:
+            model.times.append(model.run(data))
+    rows = []
+    for model in models:
+        median = statistics.median(model.times)
+        ratios = sorted(a / b for a, b in zip(models[0].times, model.times))
+        rows.append(dict(config=osp.basename(name), precision=model.how,
+                         img_per_s=batch / median, median_ms=median * 1e3,
+                         min_ms=min(model.times) * 1e3, max_ms=max(model.times) * 1e3,
+                         memory_mb=model.memory_mb, first_s=model.first,
+                         boxes=kept_boxes(model.outputs), speedup=statistics.median(ratios),
+                         speedup_range=(ratios[0], ratios[-1])))
+    return rows
 
 
 def parse_device(text: str) -> torch.device:
@@ -230,9 +285,16 @@ def check_args(args) -> None:
     if args.batch < 1 or args.repeats < 1:
         raise UsageError(f'--batch {args.batch} --repeats {args.repeats}: both must be at '
                          f'least 1.')
+    if args.checkpoint is not None:
+        if len(args.configs) != 1:
+            raise UsageError(f'--checkpoint {args.checkpoint}: give one CONFIG, the '
+                             f'checkpoint\'s, not {len(args.configs)}.')
+        if not osp.isfile(args.checkpoint):
+            raise UsageError(f'--checkpoint {args.checkpoint}: no such file.')
 
 
 def parse_args(argv=None):
+    from mmconvmlp.engine.inference_precision import PRECISIONS
     parser = argparse.ArgumentParser(
         description='Time whole-model inference (preprocessing, backbone, neck, head, '
                     'post-processing) of mmdet/mmseg configs on synthetic images.')
@@ -243,8 +305,13 @@ def parse_args(argv=None):
     parser.add_argument('--batch', type=int, default=1, help='images per batch (default 1)')
     parser.add_argument('--repeats', type=int, default=5,
                         help='timed runs per config, after one untimed run (default 5)')
-    parser.add_argument('--amp', action='store_true',
-                        help='float16 autocast on CUDA; bfloat16 on a CPU that runs it fast')
+    parser.add_argument('--precision', nargs='+', choices=PRECISIONS, default=['auto'],
+                        help='auto (default: bfloat16 where the CPU or GPU has bfloat16 '
+                             'units, float16 on older GPUs, else float32), float32, '
+                             'bfloat16 or float16; several: each config in each, timed in '
+                             'turn, with the speed-up over the first')
+    parser.add_argument('--checkpoint', help='weights of a trained model (one CONFIG); by '
+                        'default the weights training starts from, without downloads')
     parser.add_argument('--compile', action='store_true',
                         help='compile the backbone with torch.compile (timed after the '
                              'untimed first run, which compiles)')
@@ -259,38 +326,53 @@ def main(argv=None) -> None:
         check_args(args)
         device = parse_device(args.device)
         import mmconvmlp  # noqa: F401  (registers ConvMLP for configs that lack custom_imports)
+        from mmconvmlp.engine.inference_precision import choose_inference_dtype
         configs = [(name, *load_model_config(name)) for name in args.configs]
-        dtype, precision = choose_precision(device, args.amp)
+        for precision in args.precision:
+            choose_inference_dtype(device, precision)  # a precision the device cannot run
         memory = PeakMemory(device)
         height, width = args.shape
+        weights = (f'weights of {args.checkpoint}' if args.checkpoint else
+                   'weights as training starts (init_weights, no pretrained checkpoint '
+                   'loaded or downloaded)')
         compile_note = ('; backbone compiled (torch.compile, static sizes); the first run '
                         'compiles' if args.compile else '')
         print(f'Inference of the whole model (model.test_step: preprocessing, backbone, neck, '
               f'head, post-processing) on {args.batch}x3x{height}x{width} synthetic images, '
-              f'random weights (no checkpoint loaded or downloaded); median of '
-              f'{args.repeats} runs after an untimed one.\n'
-              f'device: {device}, {describe_device(device)}\nprecision: {precision}'
-              f'{compile_note}\n')
-        first_run = ' first run s |' if args.compile else ''
-        print(f'| config | img/s | latency ms, median (min-max) | {memory.kind} MB |{first_run}')
-        print('|---|---|---|---|' + ('---|' if first_run else ''))
+              f'{weights}; median of {args.repeats} runs after an untimed one'
+              f'{", the precisions in turn" if len(args.precision) > 1 else ""}'
+              f'{compile_note}.\ndevice: {device}, {describe_device(device)}\n')
+        several = len(args.precision) > 1
+        extra = (' speed-up, median (min-max) |' if several else '') + \
+            (' first run s |' if args.compile else '')
+        print(f'| config | precision | img/s | latency ms, median (min-max) | '
+              f'{memory.kind} MB | boxes/img |{extra}')
+        print('|---' * (6 + several + args.compile) + '|')
         failures = []
         for name, cfg, scope in configs:
             try:
-                row = benchmark(name, cfg, scope, device, (height, width), args.batch,
-                                args.repeats, dtype, memory, args.compile)
-            except InferenceError as error:
+                rows = benchmark(name, cfg, scope, device, (height, width), args.batch,
+                                 args.repeats, args.precision, memory, args.compile,
+                                 args.checkpoint)
+            except (InferenceError, ReadableError) as error:
                 failures.append(str(error))
-                print(f'| {osp.basename(name)} | failed, see below | - | - |'
-                      f'{" - |" if first_run else ""}', flush=True)
+                print(f'| {osp.basename(name)} | failed, see below |' + ' - |' * (
+                    4 + several + args.compile), flush=True)
                 continue
-            compile_time = f' {row["first_s"]:.1f} |' if first_run else ''
-            print(f'| {row["config"]} | {row["img_per_s"]:.2f} | {row["median_ms"]:.0f} '
-                  f'({row["min_ms"]:.0f}-{row["max_ms"]:.0f}) | {row["memory_mb"]:.0f} |'
-                  f'{compile_time}', flush=True)
+            for row in rows:
+                boxes = '-' if row['boxes'] is None else f'{row["boxes"]:.1f}'
+                cells = [row['config'], row['precision'], f'{row["img_per_s"]:.2f}',
+                         f'{row["median_ms"]:.0f} ({row["min_ms"]:.0f}-{row["max_ms"]:.0f})',
+                         f'{row["memory_mb"]:.0f}', boxes]
+                if several:
+                    low, high = row['speedup_range']
+                    cells.append(f'{row["speedup"]:.2f}x ({low:.2f}-{high:.2f})')
+                if args.compile:
+                    cells.append(f'{row["first_s"]:.1f}')
+                print('| ' + ' | '.join(cells) + ' |', flush=True)
         if failures:
             raise UsageError(' / '.join(failures))
-    except UsageError as error:
+    except ReadableError as error:
         sys.exit(f'benchmark.py: error: {error}')
 
 

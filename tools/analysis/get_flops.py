@@ -4,6 +4,7 @@ paper's numbers.
     python tools/analysis/get_flops.py                      # the paper's 12 models
     python tools/analysis/get_flops.py --models imagenet    # only the ImageNet classifiers
     python tools/analysis/get_flops.py --config CONFIG --shape 1280 800   # any config
+    python tools/analysis/get_flops.py --config mmseg::upernet/upernet_r50_4xb4-80k_ade20k-512x512.py
 
 Counting: mmengine's FlopAnalyzer (fvcore's rules: one multiply-accumulate of a
 convolution, linear layer or matrix product counts 1, a normalization layer or an
@@ -58,11 +59,12 @@ def imagenet_model(arch: str) -> nn.Module:
 
 
 def config_model(config: str):
-    """``(model, scope)`` of an mmdet or mmseg config, built without its weights."""
+    """``(model, scope)`` of an mmdet or mmseg config (a file, or a stock config named as in
+    ``_base_``: ``mmseg::upernet/...``), built without its weights."""
     from mmengine.config import Config
 
-    from mmconvmlp.config_models import build_config_model
-    cfg = Config.fromfile(config)
+    from mmconvmlp.config_models import build_config_model, resolve_config
+    cfg = Config.fromfile(resolve_config(config))
     return build_config_model(cfg), cfg.default_scope
 
 
@@ -110,7 +112,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', choices=['all', 'imagenet', 'detection', 'segmentation'],
                         default='all', help='which of the paper\'s models to count')
-    parser.add_argument('--config', help='count this config instead (mmdet or mmseg)')
+    parser.add_argument('--config', help='count this config instead (mmdet or mmseg; a file '
+                        'or a stock config such as mmdet::retinanet/retinanet_r50_fpn_1x_coco.py)')
     parser.add_argument('--shape', type=int, nargs=2, metavar=('WIDTH', 'HEIGHT'),
                         help='input size instead of the defaults (224x224 ImageNet, '
                              '1280x800 detection, 2048x512 and 512x512 segmentation)')
@@ -135,7 +138,8 @@ def main(argv=None):
         if config is None:
             model, scope = imagenet_model(arch), 'imagenet'
         else:
-            path = config if osp.isabs(config) or osp.exists(config) else osp.join(ROOT, config)
+            path = (config if '::' in config or osp.isabs(config) or osp.exists(config)
+                    else osp.join(ROOT, config))
             model, scope = config_model(path)
         shapes = [tuple(args.shape)] if args.shape else DEFAULT_SHAPES.get(scope, [(224, 224)])
         for width, height in shapes:
