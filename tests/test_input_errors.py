@@ -1,23 +1,31 @@
 """One clear message for a bad input met while running: a checkpoint of another model given
 to tools/test.py, a damaged or missing image, a truncated annotation file, annotations of
-unknown categories or none at all, a checkpoint URL that never answers."""
+unknown categories or none at all, boxes and polygons mmdet leaves out, an image listed
+twice, label maps of another size or with labels beyond the classes, a checkpoint URL that
+never answers or a timeout setting that is no number, a --cfg-options key that is a typo."""
 import json
+import logging
 import os.path as osp
 import socket
 import threading
+from contextlib import contextmanager
 
+import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
 
 from mmconvmlp.datasets import write_shapes_dataset
-from mmconvmlp.engine import CheckpointDownloadError, ConvMLPRunner, data_errors
+from mmconvmlp.engine import CheckpointDownloadError, ConvMLPRunner, DownloadSettingError
+from mmconvmlp.engine.command_line import likely_typos
 from mmconvmlp.engine.data_errors import DataFileError, check_contents
 from mmconvmlp.engine.weights_fit import WeightsMismatchError
 from mmconvmlp.models import ConvMLP
 from test_tools import ROOT, load_script
 
 RETINANET = osp.join(ROOT, 'configs/detection/retinanet_convmlp_s_shapes.py')
+MASK_RCNN = osp.join(ROOT, 'configs/detection/mask_rcnn_convmlp_s_shapes.py')
+SEM_FPN = osp.join(ROOT, 'configs/segmentation/fpn_convmlp_s_shapes.py')
 SMALL = ['train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
          'train_dataloader.persistent_workers=False', 'val_dataloader.persistent_workers=False',
          'train_dataloader.batch_size=2', 'val_dataloader.batch_size=2',
@@ -130,11 +138,29 @@ def rewrite_annotations(path, change):
         json.dump(coco, f)
 
 
-def test_annotations_of_unknown_categories_are_counted(shapes, monkeypatch):
+@contextmanager
+def logged_warnings():
+    """The warnings mmengine's current logger prints meanwhile (through the real
+    print_log, whose level must be a number)."""
+    from mmengine.logging import MMLogger
+    found = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            if record.levelno == logging.WARNING:
+                found.append(record.getMessage())
+
+    logger, handler = MMLogger.get_current_instance(), Keep()
+    logger.addHandler(handler)
+    try:
+        yield found
+    finally:
+        logger.removeHandler(handler)
+
+
+def test_annotations_of_unknown_categories_are_counted(shapes):
     """A warning with the counts; where all are unknown, no training image is left."""
     path = shapes / 'data/shapes/coco/annotations/instances_train2017.json'
-    warnings = []
-    monkeypatch.setattr(data_errors, 'print_log', lambda text, **_: warnings.append(text))
 
     def unknown_first_two(coco):
         for ann in coco['annotations'][:2]:
@@ -142,7 +168,8 @@ def test_annotations_of_unknown_categories_are_counted(shapes, monkeypatch):
 
     rewrite_annotations(path, unknown_first_two)
     total = len(json.loads(path.read_text())['annotations'])
-    check_contents(built_dataset('train_dataloader'), 'train on')
+    with logged_warnings() as warnings:
+        check_contents(built_dataset('train_dataloader'), 'train on')
     assert warnings == [f'{path.relative_to(shapes)}: 2 of {total} annotations have category '
                         "ids that are not among the config's classes (99) and are left out."]
 
@@ -155,6 +182,143 @@ def test_annotations_of_unknown_categories_are_counted(shapes, monkeypatch):
         train_with(shapes)
     assert str(error.value).startswith(f'{path.relative_to(shapes)}: the data set holds no '
                                        'samples, nothing to train on')
+
+
+def test_boxes_mmdet_leaves_out_are_counted(shapes):
+    """Boxes of zero or negative size and boxes wholly outside their image (CocoDataset
+    drops them without a word), and boxes reaching outside it (kept)."""
+    path = shapes / 'data/shapes/coco/annotations/instances_train2017.json'
+
+    def spoil(coco):
+        anns = coco['annotations']
+        anns[0]['bbox'][2] = 0                      # no width
+        anns[1]['bbox'][3] = -5                     # negative height
+        anns[2]['bbox'][:2] = [500, 500]            # beyond a 64x64 image
+        anns[3]['bbox'] = [50, 10, 30, 20]          # reaches past the right edge
+
+    rewrite_annotations(path, spoil)
+    coco = json.loads(path.read_text())
+    total = len(coco['annotations'])
+    name = path.relative_to(shapes)
+    with logged_warnings() as warnings:
+        check_contents(built_dataset('train_dataloader'), 'train on')
+    assert warnings == [
+        f'{name}: 2 of {total} boxes are under a pixel wide or high (or of area 0) and 1 lie '
+        f'wholly outside their image (e.g. annotation id {coco["annotations"][0]["id"]}): '
+        'mmdet leaves them out.',
+        f'{name}: 1 of {total} boxes reach more than a pixel outside their image (e.g. '
+        f'annotation id {coco["annotations"][3]["id"]}); they are kept as given.']
+
+
+def test_invalid_polygons_are_counted(shapes):
+    """Mask R-CNN's LoadAnnotations leaves out polygons with an odd number of coordinates or
+    fewer than 3 points, and ignores an instance left without one."""
+    path = shapes / 'data/shapes/coco/annotations/instances_train2017.json'
+    first = {}
+
+    def spoil(coco):
+        anns = coco['annotations']
+        anns[0]['segmentation'] = [anns[0]['segmentation'][0][:-1]]    # odd
+        anns[1]['segmentation'] = [[1, 1, 5, 5]] + anns[1]['segmentation']  # 2 points
+        first.update(image=next(i['file_name'] for i in coco['images']
+                                if i['id'] == anns[0]['image_id']))
+
+    rewrite_annotations(path, spoil)
+    polygons = sum(len(a['segmentation']) for a in json.loads(path.read_text())['annotations'])
+    from mmdet.registry import DATASETS
+    from mmengine.registry import init_default_scope
+    init_default_scope('mmdet')
+    dataset = DATASETS.build(Config.fromfile(MASK_RCNN).train_dataloader.dataset)
+    with logged_warnings() as warnings:
+        check_contents(dataset, 'train on')
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f'{path.relative_to(shapes)}: 2 of {polygons} polygons have '
+                                  'an odd number of coordinates or fewer than 3 points (e.g. '
+                                  f'in data/shapes/coco/train2017/{first["image"]})')
+    assert warnings[0].endswith("LoadAnnotations leaves out; 1 instances keep no polygon "
+                                'and are ignored.')
+
+
+def test_an_image_listed_twice_stops_the_run(shapes):
+    path = shapes / 'data/shapes/coco/annotations/instances_val2017.json'
+
+    def repeat(coco):
+        again = dict(coco['images'][0], id=max(i['id'] for i in coco['images']) + 1)
+        coco['images'].append(again)
+        coco['annotations'].append(dict(coco['annotations'][0], image_id=again['id'],
+                                        id=max(a['id'] for a in coco['annotations']) + 1))
+
+    rewrite_annotations(path, repeat)
+    with pytest.raises(DataFileError) as error:
+        check_contents(built_dataset('val_dataloader'), 'validate on')
+    assert str(error.value).startswith(
+        f'{path.relative_to(shapes)}: 1 images are listed more than once (e.g. '
+        'data/shapes/coco/val2017/')
+
+
+@pytest.mark.parametrize('case', ['another size', 'labels beyond the classes'])
+def test_a_wrong_label_map_is_named(shapes, case):
+    """tools/train.py on the segmentation demo: one label map of the first batch is wrong;
+    the error of the loss becomes one message naming that file."""
+    from PIL import Image
+    folder = shapes / 'data/shapes/ade/ADEChallengeData2016/annotations/training'
+    wrong = sorted(folder.iterdir())[0]
+    labels = np.asarray(Image.open(wrong))
+    if case == 'another size':
+        Image.fromarray(labels[:48]).save(wrong)
+        expected = f'{wrong.relative_to(shapes)}: its label map is 64x48 pixels, but its image '
+    else:
+        labels = labels.copy()
+        labels[:4, :4] = 40
+        Image.fromarray(labels).save(wrong)
+        expected = (f'{wrong.relative_to(shapes)} holds labels 39 (after reduce_zero_label '
+                    'subtracts 1), but the config has 5 classes')
+    train_tool = load_script('tools/train.py')
+    with pytest.raises(DataFileError) as error:
+        train_tool.main([SEM_FPN, '--work-dir', str(shapes / 'work'), '--cfg-options',
+                         'train_dataloader.num_workers=0', 'val_dataloader.num_workers=0',
+                         'train_dataloader.persistent_workers=False',
+                         'val_dataloader.persistent_workers=False',
+                         'train_dataloader.batch_size=4', 'train_cfg.max_iters=1'])
+    assert str(error.value).startswith(expected), str(error.value)
+
+
+@pytest.mark.parametrize('value', ['abc', '-1', '0', 'inf'])
+def test_a_download_timeout_that_is_no_number_is_named(tmp_path, monkeypatch, value):
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('MMCONVMLP_DOWNLOAD_TIMEOUT', value)
+    backbone = ConvMLP('s', init_cfg=dict(type='Pretrained',
+                                          checkpoint='http://127.0.0.1:9/convmlp_s.pth'))
+    with pytest.raises(DownloadSettingError) as error:
+        backbone.init_weights()
+    assert str(error.value).startswith(f"MMCONVMLP_DOWNLOAD_TIMEOUT='{value}': give the "
+                                       'seconds a checkpoint download waits')
+
+
+def test_a_cfg_options_typo_is_named_and_new_keys_are_not():
+    cfg = Config.fromfile(RETINANET).to_dict()
+    options = {'train_cfgg.max_epochs': 3, 'train_cfg.max_epoch': 3, 'randomness.seed': 0,
+               'train_cfg.max_epochs': 2, 'model.backbone.arch': 'm',
+               'train_dataloader.dataset.pipeline.2.scales': (64, 64),
+               'custom_setting': 1}
+    assert likely_typos(cfg, options) == [
+        '--cfg-options train_cfgg.max_epochs: the config has no train_cfgg; did you mean '
+        'train_cfg? It is added as a new key, which nothing may read.',
+        '--cfg-options train_cfg.max_epoch: the config has no train_cfg.max_epoch; did you '
+        'mean train_cfg.max_epochs? It is added as a new key, which nothing may read.',
+        '--cfg-options train_dataloader.dataset.pipeline.2.scales: the config has no '
+        'train_dataloader.dataset.pipeline.2.scales; did you mean '
+        'train_dataloader.dataset.pipeline.2.scale? It is added as a new key, which nothing '
+        'may read.']
+
+
+def test_train_py_warns_about_a_cfg_options_typo(shapes):
+    with logged_warnings() as warnings:
+        with pytest.raises(DataFileError):  # stops right after the options, with no data
+            (shapes / 'data/shapes/coco/annotations/instances_train2017.json').write_text('{')
+            train_with(shapes, 'train_cfgg.max_epochs=3')
+    assert any(w.startswith('--cfg-options train_cfgg.max_epochs: the config has no '
+                            'train_cfgg; did you mean train_cfg?') for w in warnings)
 
 
 def test_a_split_without_annotations_is_nothing_to_evaluate(shapes):

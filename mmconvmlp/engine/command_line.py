@@ -1,11 +1,18 @@
 """What ``tools/train.py`` and ``tools/test.py`` share: the options both take and the
-config they build a :class:`~.runner.ConvMLPRunner` from."""
+config they build a :class:`~.runner.ConvMLPRunner` from. A ``--cfg-options`` key that the
+config lacks but that is one or two letters away from a key it has at the same level (a
+likely typo, which mmengine would add as a new key that nothing reads) gives a warning
+naming both; other new keys (``randomness.seed=0``) are added silently, as mmengine adds
+them."""
 import argparse
+import logging
 import os
 import os.path as osp
 import sys
+from typing import Any, List, Mapping, Optional
 
 from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
 
 
 class ConfigOptions(DictAction):
@@ -37,6 +44,52 @@ def make_parser(description: str, work_dir_help: str) -> argparse.ArgumentParser
     return parser
 
 
+def edit_distance(a: str, b: str) -> int:
+    """The Levenshtein distance: the fewest letters to insert, delete or replace."""
+    previous = list(range(len(b) + 1))
+    for i, letter in enumerate(a, 1):
+        current = [i]
+        for j, other in enumerate(b, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1,
+                               previous[j - 1] + (letter != other)))
+        previous = current
+    return previous[-1]
+
+
+def _close_key(key: str, keys) -> Optional[str]:
+    """The key of ``keys`` a likely typo ``key`` was meant to be: at most one letter off
+    for names of up to 5 letters, two for longer ones; None when none is that close."""
+    limit = 1 if len(key) <= 5 else 2
+    scored = sorted((edit_distance(key, k), k) for k in keys if isinstance(k, str))
+    return scored[0][1] if scored and scored[0][0] <= limit else None
+
+
+def likely_typos(cfg: Mapping[str, Any], options: Mapping[str, Any]) -> List[str]:
+    """A warning for each dotted key of ``options`` that leaves ``cfg`` at a level where the
+    key is missing and close to one that is there (see the module)."""
+    warnings = []
+    for dotted in options:
+        node: Any = cfg
+        parts = str(dotted).split('.')
+        for depth, part in enumerate(parts):
+            if isinstance(node, (list, tuple)) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+                continue
+            if not isinstance(node, Mapping):
+                break
+            if part in node:
+                node = node[part]
+                continue
+            meant = _close_key(part, node.keys())
+            if meant is not None:
+                where = '.'.join(parts[:depth] + [meant])
+                warnings.append(
+                    f'--cfg-options {dotted}: the config has no {".".join(parts[:depth + 1])}; '
+                    f'did you mean {where}? It is added as a new key, which nothing may read.')
+            break
+    return warnings
+
+
 def load_config(args) -> Config:
     """The config of ``args.config`` with ``--cfg-options``, ``--launcher`` and the work
     dir applied, built by :class:`~.runner.ConvMLPRunner` unless it names another runner
@@ -44,6 +97,8 @@ def load_config(args) -> Config:
     os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
+        for warning in likely_typos(cfg.to_dict(), args.cfg_options):
+            print_log(warning, logger='current', level=logging.WARNING)
         cfg.merge_from_dict(args.cfg_options)
     if not cfg.get('default_scope'):
         sys.exit(f'{args.config} sets no default_scope: it should inherit from an mmdet '
