@@ -11,8 +11,7 @@ import torch
 import torch.nn as nn
 
 from mmconvmlp.models import ARCH_SETTINGS, CheckpointMismatchError, ConvMLP
-from mmconvmlp.models import convmlp, layouts, row_bands
-from mmconvmlp.models.convmlp import ConvMLPBlock, channels_first
+from mmconvmlp.models.convmlp import ConvMLPBlock
 from mmconvmlp.testing import ReferenceConvMLP
 
 STRIDES = (4, 8, 16, 32)
@@ -110,59 +109,6 @@ def test_matches_plain_reference_in_eval_mode():
     with torch.no_grad():
         for out, ref in zip(model(x), reference(x)):
             assert relative_error(out, ref) < 1e-5
-
-
-def record_band_runs(monkeypatch) -> list:
-    """Make bands one output row (or one pixel) high and return a list that collects
-    'rows' for each part and 'pixels' for each channel MLP that ran in bands."""
-    monkeypatch.setattr(row_bands, 'BAND_BYTES', 1)
-    runs = []
-    for kind, name in (('rows', 'run_in_bands'), ('pixels', 'run_pixels_in_bands')):
-        def recorded(*args, kind=kind, run=getattr(convmlp, name), **kwargs):
-            runs.append(kind)
-            return run(*args, **kwargs)
-        monkeypatch.setattr(convmlp, name, recorded)
-    return runs
-
-
-@pytest.mark.parametrize('arch,shape', [('s', (1, 3, 111, 150)), ('l', (2, 3, 67, 45))])
-def test_inference_in_row_bands_matches_whole_maps(monkeypatch, arch, shape):
-    model = ConvMLP(arch=arch).eval()
-    randomize_batchnorm(model)
-    x = torch.randn(shape)
-    with torch.no_grad():
-        with monkeypatch.context() as whole_maps:
-            whole_maps.setattr(convmlp, 'may_run_in_bands', lambda module, x: False)
-            expected = model(x)
-        runs = record_band_runs(monkeypatch)
-        outs = model(x)
-    assert runs.count('rows') == 2  # the tokenizer and the conv stage
-    assert runs.count('pixels') == 2 * sum(ARCH_SETTINGS[arch]['blocks'])
-    for out, exp in zip(outs, expected):
-        assert out.shape == exp.shape and out.is_contiguous()
-        assert relative_error(out, exp) < 1e-5
-
-
-def test_bands_only_where_no_graph_is_recorded(monkeypatch):
-    runs = record_band_runs(monkeypatch)
-    x = torch.randn(1, 3, 40, 48)
-    model = ConvMLP(arch='s')
-    with torch.no_grad():
-        model(x)  # training mode: BatchNorms need whole-map statistics, MLPs need nothing
-    assert runs.count('rows') == 0 and runs.count('pixels') == 16
-    runs.clear()
-    model.eval()
-    model(x)  # parameters that want gradients
-    assert runs == []
-    with torch.no_grad():
-        model(x)
-    assert runs.count('rows') == 2 and runs.count('pixels') == 16
-    # Frozen parts run in bands in training too, and the rest still learns.
-    runs.clear()
-    model = ConvMLP(arch='s', frozen_stages=2).train()
-    sum(o.sum() for o in model(x)[2:]).backward()
-    assert runs.count('rows') == 2 and runs.count('pixels') == 4
-    assert all(p.grad is not None for p in model.stages[1:].parameters())
 
 
 def test_matches_plain_reference_in_training_outputs_gradients_and_stats():
@@ -344,17 +290,6 @@ def test_with_cp_recomputes_blocks_in_backward():
     assert len(calls) == 2
 
 
-@pytest.mark.parametrize('shape', [(2, 64, 33, 17), (1, 3, 5, 7)])
-def test_channels_first_copies_values_and_gradients(shape):
-    x = torch.randn(shape).contiguous(memory_format=torch.channels_last).requires_grad_()
-    out = channels_first(x)
-    assert out.is_contiguous() and torch.equal(out, x.detach().contiguous())
-    cotangent = torch.randn(shape)
-    out.backward(cotangent)
-    assert torch.equal(x.grad, cotangent)
-    assert x.grad.is_contiguous(memory_format=torch.channels_last)
-
-
 def test_mlp_block_keeps_channels_last_memory():
     block = ConvMLPBlock(32, 64).eval()
     x = torch.randn(2, 9, 11, 32)
@@ -457,28 +392,6 @@ def test_drop_path_rate_just_below_one_trains_to_finite_values():
     assert torch.isfinite(model(torch.randn(4, 3, 32, 32))[0]).all()
 
 
-def tokenizer_row_bytes(x: torch.Tensor) -> int:
-    """Bytes of one output row of the tokenizer in :func:`row_bands.run_in_bands`."""
-    return x.shape[0] * 64 * tap_size(x.shape[3], 4) * x.element_size()
-
-
-@pytest.mark.parametrize('rows_per_band', [16, 8, 5, 1])  # 1, 2, 4 (ragged), 16 bands
-def test_bands_return_what_whole_maps_return_under_autocast(monkeypatch, rows_per_band):
-    model = ConvMLP(arch='s').eval()  # the MLP stages' pixel bands too
-    randomize_batchnorm(model)
-    x = torch.randn(1, 3, 64, 72)  # tokenizer output: 16 rows
-    monkeypatch.setattr(row_bands, 'BAND_BYTES', rows_per_band * tokenizer_row_bytes(x))
-    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
-        with monkeypatch.context() as whole_maps:
-            whole_maps.setattr(convmlp, 'may_run_in_bands', lambda module, x: False)
-            expected = model(x)
-        outs = model(x)
-    for out, exp in zip(outs, expected):
-        assert out.dtype == exp.dtype == torch.bfloat16
-        assert out.shape == exp.shape
-        assert relative_error(out.float(), exp.float()) < 2e-2
-
-
 def write_reference_checkpoint(path, drop: str = '') -> ReferenceConvMLP:
     reference = ReferenceConvMLP('s')
     randomize_batchnorm(reference)
@@ -516,7 +429,7 @@ def test_init_cfg_list_without_pretrained_goes_through_mmengine():
     assert torch.equal(model.stages[0].blocks[0].norm1.weight, torch.full((128,), 2.))
 
 
-def test_channels_first_under_tracing_follows_the_batch_size():
+def test_traced_backbone_follows_the_batch_size():
     model = ConvMLP(arch='s', out_indices=(0, 1)).eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter('ignore')  # deprecation, and tracing's own notes
@@ -529,18 +442,6 @@ def test_channels_first_under_tracing_follows_the_batch_size():
     with torch.no_grad():
         for out, exp in zip(loaded(x), model(x)):
             assert out.shape == exp.shape and torch.allclose(out, exp, atol=1e-5)
-
-
-def test_channels_first_off_the_cpu_is_one_copy(monkeypatch):
-    def per_image_copy(*args, **kwargs):
-        raise AssertionError('per-image copies are for the CPU only')
-    monkeypatch.setattr(convmlp, 'transpose_images', per_image_copy)
-    x = torch.empty(4, 8, 5, 6, device='meta', memory_format=torch.channels_last)
-    out = channels_first(x)
-    assert out.shape == x.shape and out.is_contiguous()
-    if torch.cuda.is_available():
-        x = torch.randn(4, 8, 5, 6, device='cuda').contiguous(memory_format=torch.channels_last)
-        assert torch.equal(channels_first(x), x.contiguous())
 
 
 def copy_weights(source: nn.Module, target: nn.Module) -> nn.Module:
@@ -606,7 +507,7 @@ def assert_outputs_and_gradients_match(model: nn.Module, reference: nn.Module,
 
 
 @pytest.mark.parametrize('frozen_stages', [-1, 0, 1])
-def test_gradients_through_folded_batchnorm_match_the_unfolded_ones(frozen_stages):
+def test_norm_eval_and_frozen_stages_match_the_reference_in_training(frozen_stages):
     model = ConvMLP(arch='s', norm_eval=True, frozen_stages=frozen_stages, drop_path_rate=0.)
     randomize_batchnorm(model)
     model.train()
@@ -614,69 +515,56 @@ def test_gradients_through_folded_batchnorm_match_the_unfolded_ones(frozen_stage
     assert_outputs_and_gradients_match(model, reference, torch.randn(2, 3, 64, 48))
 
 
-def count_channels_first_weight_grads(monkeypatch) -> list:
-    calls = []
-    apply = layouts._ChannelsFirstWeightGrad.apply
-
-    def counted(*args):
-        calls.append(args[0].shape)
-        return apply(*args)
-    monkeypatch.setattr(layouts._ChannelsFirstWeightGrad, 'apply', counted)
-    return calls
-
-
-@pytest.mark.parametrize('weight_grad_layout', ['channels_last', 'channels_first'])
-@pytest.mark.parametrize('norm_eval', [False, True])
-def test_both_weight_gradient_routes_match_the_plain_reference(monkeypatch, weight_grad_layout,
-                                                               norm_eval):
-    """Each kind of CPU simulated: AVX-512 (weight gradients in channels-last memory) and
-    AVX2 (from channels-first copies; here on every dense conv, not just large maps)."""
-    monkeypatch.setattr(layouts, '_forced', weight_grad_layout)
-    monkeypatch.setattr(layouts, 'MIN_PIXELS', 1)
-    monkeypatch.setattr(layouts, 'MIN_WORK', 1)
-    calls = count_channels_first_weight_grads(monkeypatch)
-    model = ConvMLP(arch='s', norm_eval=norm_eval, drop_path_rate=0.).train()
-    randomize_batchnorm(model)
-    reference = copy_weights(model, ReferenceConvMLP('s', drop_path_rate=0.)).train()
-    if norm_eval:
-        reference = reference_in_mode(model, -1)
-    assert_outputs_and_gradients_match(model, reference, torch.randn(2, 3, 64, 48))
-    # tokenizer 3, conv stage 2 + 1, MLP stage downsamplings 2: every 3x3 dense conv
-    assert len(calls) == (8 if weight_grad_layout == 'channels_first' else 0)
+def test_pretrained_of_another_architecture_is_ignored_with_one_warning(monkeypatch):
+    """What mmseg's stock configs pass on: no download, one line saying what to do."""
+    def no_download(*args, **kwargs):
+        raise AssertionError('nothing may be downloaded')
+    from mmengine.runner.checkpoint import CheckpointLoader
+    monkeypatch.setattr(CheckpointLoader, 'load_checkpoint', no_download)
+    for pretrained in ('open-mmlab://resnet50_v1c', 'torchvision://resnet50'):
+        with pytest.warns(UserWarning) as caught:
+            model = ConvMLP(pretrained=pretrained)
+        messages = [str(w.message) for w in caught]
+        assert len(messages) == 1 and '\n' not in messages[0]
+        assert pretrained in messages[0] and 'init_cfg' in messages[0]
+        assert model.init_cfg is None
+        model.init_weights()  # initialises from scratch, downloads nothing
 
 
-def test_channels_first_route_only_on_large_maps(monkeypatch):
-    monkeypatch.setattr(layouts, '_forced', 'channels_first')
-    conv = nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
-
-    def takes(shape, **kwargs) -> bool:
-        x = torch.randn(shape, **kwargs).contiguous(memory_format=torch.channels_last)
-        return layouts.takes_channels_first_weight_grad(conv, x, conv.weight)
-    assert takes((1, 64, 128, 128))
-    assert not takes((1, 64, 48, 48))  # the copies would cost more than they save
-    assert not takes((1, 64, 128, 128), dtype=torch.bfloat16)
-    with torch.no_grad():
-        assert not takes((1, 64, 128, 128))
-    monkeypatch.setattr(layouts, '_forced', 'channels_last')
-    assert not takes((1, 64, 128, 128))
+def test_pretrained_checkpoint_becomes_init_cfg_with_a_deprecation_warning(tmp_path):
+    path = tmp_path / 'convmlp_s.pth'
+    reference = write_reference_checkpoint(path)
+    with pytest.warns(UserWarning, match='DeprecationWarning: .*pretrained is deprecated.*'
+                                         'init_cfg'):
+        model = ConvMLP(pretrained=str(path))
+    assert model.init_cfg == dict(type='Pretrained', checkpoint=str(path))
+    model.init_weights()
+    assert torch.equal(model.stages[1].blocks[0].norm1.weight,
+                       reference.stages[1].blocks[0].norm1.weight)
 
 
-@pytest.mark.parametrize('times,slow', [((3.0, 1.0), True), ((1.2, 1.0), False),
-                                         ((0.7, 1.0), False)])
-def test_weight_grad_layout_follows_the_probe(monkeypatch, times, slow):
-    monkeypatch.setattr(layouts, 'weight_grad_probe', lambda: times)
-    layouts.channels_last_weight_grad_is_slow.cache_clear()
-    try:
-        assert layouts.weight_grad_layout() == ('channels_first' if slow else 'channels_last')
-    finally:
-        layouts.channels_last_weight_grad_is_slow.cache_clear()
+def test_init_cfg_wins_over_pretrained_with_a_warning(tmp_path):
+    init_cfg = dict(type='Pretrained', checkpoint=str(tmp_path / 'a.pth'))
+    with pytest.warns(UserWarning, match='using init_cfg and ignoring pretrained'):
+        model = ConvMLP(pretrained=str(tmp_path / 'b.pth'), init_cfg=init_cfg)
+    assert model.init_cfg == init_cfg
+    with pytest.raises(TypeError, match='pretrained=3 is invalid'):
+        ConvMLP(pretrained=3)
 
 
-def test_set_weight_grad_layout_checks_its_argument(monkeypatch):
-    monkeypatch.setattr(layouts, '_forced', None)
-    layouts.set_weight_grad_layout('channels_first')
-    assert layouts.weight_grad_layout() == 'channels_first'
-    layouts.set_weight_grad_layout('auto')
-    assert layouts._forced is None
-    with pytest.raises(ValueError, match='channels_first'):
-        layouts.set_weight_grad_layout('nhwc')
+def test_stock_mmseg_config_with_pretrained_builds_without_downloading():
+    """mmseg's EncoderDecoder hands its ``pretrained`` to the backbone (a config's dicts are
+    ConfigDicts, which it sets the key on)."""
+    from mmengine.config import ConfigDict
+    from mmengine.registry import DefaultScope
+    from mmseg.registry import MODELS as SEG_MODELS
+    import mmseg.models  # noqa: F401  (registers the segmentors)
+    cfg = ConfigDict(type='EncoderDecoder', pretrained='open-mmlab://resnet50_v1c',
+               backbone=dict(type='ConvMLP', arch='s'),
+               decode_head=dict(type='FCNHead', in_channels=512, in_index=3, channels=16,
+                                num_classes=3))
+    with DefaultScope.overwrite_default_scope('mmseg'), pytest.warns(UserWarning,
+                                                                     match='ignores pretrained'):
+        model = SEG_MODELS.build(cfg)
+    model.init_weights()
+    assert model.backbone.init_cfg is None

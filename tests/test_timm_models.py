@@ -6,6 +6,9 @@ same weights, and from ``torch.nn.functional`` for the classifier's norm and lin
 import itertools
 import os.path as osp
 import runpy
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import timm
@@ -268,3 +271,24 @@ def test_feature_maps_are_contiguous_nchw():
     with torch.no_grad():
         maps = model(torch.randn(1, 3, 64, 64))
     assert len(maps) == 4 and all(m.is_contiguous() for m in maps)
+
+
+@pytest.mark.parametrize('order', ['mmconvmlp first', 'timm first'])
+def test_import_registers_with_timm_without_importing_it(order):
+    """``import mmconvmlp`` leaves timm (and torchvision, huggingface_hub) unimported, and the
+    models are in timm's registry whichever of the two is imported first."""
+    first, second = ('mmconvmlp', 'timm') if order == 'mmconvmlp first' else ('timm', 'mmconvmlp')
+    script = textwrap.dedent(f"""
+        import sys
+        import {first}
+        heavy = [m for m in ('timm', 'torchvision', 'huggingface_hub') if m in sys.modules]
+        assert {first == 'timm'} or not heavy, heavy
+        import {second}
+        print(timm.list_models('convmlp*'), type(timm.__spec__.loader).__name__)
+        print(type(timm.create_model('convmlp_s', num_classes=0)).__name__)
+    """)
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split('\n')[:2] == [
+        "['convmlp_l', 'convmlp_m', 'convmlp_s'] SourceFileLoader", 'ConvMLPClassifier']

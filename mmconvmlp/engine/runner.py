@@ -77,6 +77,8 @@ class ConvMLPRunner(Runner):
         self.register_hook(ResumeStateHook())
         self.register_hook(DataContentsHook())
         self.register_hook(PreemptionHook())
+        from ..models.cpu_speed.hook import CPUAccelerationHook  # the CPU speed layers
+        self.register_hook(CPUAccelerationHook())
 
     def _hook(self, kind):
         return next(hook for hook in self.hooks if isinstance(hook, kind))

@@ -2,8 +2,9 @@
 with one warning and eager mode from then on where compiling fails.
 
 The compiled unit is :func:`all_taps` of a
-:class:`~mmconvmlp.models.convmlp.ConvMLPFeatures`, so parameter and buffer names, and hence
-state dicts and checkpoints, are those of the eager model. :func:`compile_forward` does the
+:class:`~mmconvmlp.models.convmlp.ConvMLPFeatures` (its ``taps`` method calls it), so
+parameter and buffer names, and hence state dicts and checkpoints, are those of the eager
+model. :func:`compile_forward` does the
 same for any other module (the benchmarks compile other backbones with it).
 
 It compiles once per input size and grad mode (``dynamic=False``): torch 2.13's inductor
@@ -19,7 +20,7 @@ step is the same oneDNN and MKL kernels either way, near the cores' peak).
 """
 import functools
 import warnings
-from typing import Any, Callable, Iterator, Optional, Tuple
+from typing import Any, Callable, List, Optional
 
 import torch
 
@@ -30,10 +31,10 @@ class CompileFallbackWarning(RuntimeWarning):
     """The compiled path failed; the model runs eager from then on."""
 
 
-def all_taps(model: torch.nn.Module, x: torch.Tensor, last: int) -> Tuple[torch.Tensor, ...]:
-    """Taps 0..``last`` of ``model.forward_taps(x, last)``: channels-last-memory
+def all_taps(model: torch.nn.Module, x: torch.Tensor, last: int) -> List[torch.Tensor]:
+    """``model.forward_taps(x, last)``: taps 0..``last`` as channels-last-memory
     (B, C_i, H_i, W_i) maps, what ``compile=True`` compiles."""
-    return tuple(tap for _, tap in model.forward_taps(x, last=last))
+    return model.forward_taps(x, last)
 
 
 class CompiledCall:
@@ -86,11 +87,3 @@ def compile_forward(module: torch.nn.Module) -> torch.nn.Module:
     module.forward = functools.partial(compiled, module)
     return module
 
-
-def taps(model: torch.nn.Module, compiled: Optional[CompiledCall], x: torch.Tensor,
-         last: int) -> Iterator[Tuple[int, torch.Tensor]]:
-    """``(index, map)`` for taps 0..``last``: ``model.forward_taps`` itself without
-    ``compiled``, else the compiled taps."""
-    if compiled is None:
-        return model.forward_taps(x, last=last)
-    return enumerate(compiled(model, x, last))

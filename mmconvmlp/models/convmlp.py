@@ -1,7 +1,6 @@
-"""ConvMLP (Li et al., 2021) in plain PyTorch: the one implementation behind both the
-OpenMMLab backbone (:class:`mmconvmlp.models.ConvMLP`) and the timm models.
+"""ConvMLP (Li et al., 2021): the network, in one path that every tracer and exporter takes.
 
-Layout of the network and of its four feature taps (strides 4, 8, 16, 32)::
+It reads top-down as the paper's figure::
 
     image (B, 3, H, W)
       tokenizer        3x [3x3 conv, BN, ReLU], 3x3 max-pool      -> tap 0, stride 4,  C
@@ -10,31 +9,26 @@ Layout of the network and of its four feature taps (strides 4, 8, 16, 32)::
       stages[1]        ConvMLP blocks at D1, 3x3 s2 conv -> D2       (not tapped)
       stages[2]        ConvMLP blocks at D2                       -> tap 3, stride 32, D2
 
-The convolutional front end runs in ``torch.channels_last`` memory format (in inference on
-the CPU a band of rows at a time, see :mod:`.row_bands`), and the MLP
-stages work on channels-last ``(B, H, W, C)`` tensors end to end: a ``(B, C, H, W)`` view of
-such a tensor *is* channels-last memory, so the depthwise and downsampling convolutions take
-it without a copy and hand back memory that is again contiguous ``(B, H, W, C)``. In inference
-on the CPU each channel MLP runs a band of pixels at a time with its LayerNorm and residual
-sum, through oneDNN's fused calls where PyTorch runs AVX-512 kernels (:mod:`.fused_linear`).
-In training on CPUs whose channels-last weight-gradient kernels are slow (AVX2), the weight
-gradients of the large convolutions are computed from channels-first copies
-(:mod:`.layouts`).
+Every part maps a ``(B, C, H, W)`` map in ``torch.channels_last`` memory to another, so the
+four taps are the outputs of four modules (``tokenizer``, ``conv_stages``, ``stages.0``,
+``stages.2``). Inside an MLP stage the blocks work on ``(B, H, W, C)`` tensors, the same
+memory seen through a permute: the depthwise and downsampling convolutions take their
+``(B, C, H, W)`` view without a copy and hand back memory that is again contiguous
+``(B, H, W, C)``. The convolution weights are stored channels-last to match
+(:class:`ConvMLPFeatures`).
 
+This module holds no speed-ups that depend on the machine. The opt-in layers for the CPU
+live beside it in :mod:`mmconvmlp.models.cpu_speed`, and ``compile=True`` in
+:mod:`mmconvmlp.models.compiled`; both leave the module tree and its parameter names alone.
 Module and parameter names follow the authors' released ImageNet checkpoints, which therefore
 load as they are.
 """
 from contextlib import contextmanager, nullcontext
-from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
-
-from .fused_linear import linear_add, linear_gelu
-from .layouts import conv2d, transpose_images
-from .row_bands import (ChainRows, ConvRows, MaxPoolRows, ResidualRows, RowOp, run_in_bands,
-                        run_pixels_in_bands)
 
 NormLayer = Callable[[int], nn.Module]
 
@@ -112,140 +106,68 @@ def check_drop_path_rate(drop_path_rate: float) -> None:
                          f'stochastic-depth rate in [0, 1), e.g. 0.1 (the authors\' value).')
 
 
+# -- the convolutional front end (channels-last memory, (B, C, H, W) shapes) ---------------
+
 def conv_bn_relu(in_ch: int, out_ch: int, kernel_size: int, stride: int,
                  norm_layer: NormLayer) -> List[nn.Module]:
+    """A convolution without bias, its norm and a ReLU."""
     return [nn.Conv2d(in_ch, out_ch, kernel_size, stride, kernel_size // 2, bias=False),
             norm_layer(out_ch), nn.ReLU(inplace=True)]
 
 
-class ConvNormReLUStack(nn.Sequential):
-    """``[conv, norm, ReLU] * n``, optionally followed by a max-pool, as a flat
-    ``nn.Sequential`` (so parameter names are ``{0,3,6}.weight`` for the convs, ``{1,4,7}.*``
-    for the norms). The max-pool runs before the last ReLU: the two commute, and the ReLU
-    then works on a quarter of the memory.
-
-    Takes and returns channels-last-memory (B, C, H, W). Where a BatchNorm uses its running
-    statistics (eval mode, ``norm_eval``, frozen stages) it is folded into the convolution's
-    weights instead of making its own pass over the activations; gradients still reach all
-    parameters."""
-
-    def triples(self) -> List[Tuple[nn.Conv2d, nn.Module, nn.Module]]:
-        return [tuple(self[i:i + 3]) for i in range(0, len(self) - 2, 3)]
-
-    def pool(self) -> Optional[nn.MaxPool2d]:
-        return self[-1] if len(self) % 3 else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        triples, pool = self.triples(), self.pool()
-        for i, (conv, norm, act) in enumerate(triples):
-            if uses_running_stats(norm):
-                x = conv_with(conv, x, *fold_batchnorm(conv, norm))
-            else:
-                x = norm(conv_with(conv, x, conv.weight, conv.bias))
-            if pool is not None and i == len(triples) - 1:
-                x = pool(x)
-            x = act(x)
-        return x
-
-    def row_op(self) -> Optional[ChainRows]:
-        """The stack as a :class:`ChainRows` with the BatchNorms folded in, or None where a
-        norm does not use running statistics."""
-        triples, pool = self.triples(), self.pool()
-        if not all(uses_running_stats(norm) for _, norm, _ in triples):
-            return None
-        # As in forward: the pool, if any, comes before the last ReLU.
-        last = len(triples) - 1
-        ops: List[RowOp] = [ConvRows(conv, *fold_batchnorm(conv, norm),
-                                     relu=pool is None or i < last)
-                            for i, (conv, norm, _) in enumerate(triples)]
-        if pool is not None:
-            ops.append(MaxPoolRows(pool, relu=True))
-        return ChainRows(ops)
-
-
-def uses_running_stats(norm: nn.Module) -> bool:
-    return (isinstance(norm, nn.modules.batchnorm._BatchNorm) and not norm.training
-            and norm.running_mean is not None)
-
-
-def fold_batchnorm(conv: nn.Conv2d, norm: nn.modules.batchnorm._BatchNorm
-                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``norm(conv(x))`` as one convolution, for a BatchNorm in eval mode."""
-    scale = torch.rsqrt(norm.running_var + norm.eps)
-    if norm.weight is not None:
-        scale = scale * norm.weight
-    shift = -norm.running_mean * scale
-    if conv.bias is not None:
-        shift = shift + conv.bias * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias
-    return conv.weight * scale.view(-1, 1, 1, 1), shift
-
-
-def conv_with(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
-              bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``conv``'s geometry with the given weight and bias (for a channels-last-memory map:
-    see :func:`.layouts.conv2d`)."""
-    return conv2d(conv, x, weight, bias)
-
-
 class Tokenizer(nn.Module):
     """(B, 3, H, W) -> (B, C, H/4, W/4): three 3x3 conv-BN-ReLU (the first with stride 2),
-    then a 3x3 stride-2 max-pool. Runs in bands of rows where it may
-    (:func:`may_run_in_bands`)."""
+    then a 3x3 stride-2 max-pool. ``block`` holds the convs at 0, 3, 6 and the norms at
+    1, 4, 7, as in the authors' checkpoints."""
 
     def __init__(self, stem_width: int, norm_layer: NormLayer, in_chans: int = 3):
         super().__init__()
         half = stem_width // 2
-        self.block = ConvNormReLUStack(
+        self.block = nn.Sequential(
             *conv_bn_relu(in_chans, half, 3, 2, norm_layer),
             *conv_bn_relu(half, half, 3, 1, norm_layer),
             *conv_bn_relu(half, stem_width, 3, 1, norm_layer),
             nn.MaxPool2d(3, stride=2, padding=1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self.block.row_op() if may_run_in_bands(self, x) else None
-        return self.block(x) if op is None else run_in_bands(op, x)
+        return self.block(x)
+
+
+class Bottleneck(nn.Sequential):
+    """(B, C, H, W) -> (B, C, H, W): ``x + f(x)``, f = 1x1 C->D, 3x3 D->D, 1x1 D->C, each
+    conv-BN-ReLU (convs at 0, 3, 6, norms at 1, 4, 7)."""
+
+    def __init__(self, width: int, hidden: int, norm_layer: NormLayer):
+        super().__init__(*conv_bn_relu(width, hidden, 1, 1, norm_layer),
+                         *conv_bn_relu(hidden, hidden, 3, 1, norm_layer),
+                         *conv_bn_relu(hidden, width, 1, 1, norm_layer))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        branch = x
+        for layer in self:
+            branch = layer(branch)
+        return x + branch
 
 
 class ConvStage(nn.Module):
-    """(B, C, H, W) -> (B, D0, H/2, W/2): residual bottlenecks x + f(x) at width C with
-    f = 1x1 C->D0, 3x3 D0->D0, 1x1 D0->C (each conv-BN-ReLU), then a 3x3 stride-2 conv.
-    Runs in bands of rows where it may (:func:`may_run_in_bands`)."""
+    """(B, C, H, W) -> (B, D0, H/2, W/2): residual bottlenecks at width C, then a 3x3
+    stride-2 conv with bias."""
 
     def __init__(self, num_blocks: int, width: int, hidden: int, out_width: int,
                  norm_layer: NormLayer, with_cp: bool = False):
         super().__init__()
-        self.with_cp = with_cp
-        self.conv_blocks = nn.ModuleList(
-            ConvNormReLUStack(*conv_bn_relu(width, hidden, 1, 1, norm_layer),
-                              *conv_bn_relu(hidden, hidden, 3, 1, norm_layer),
-                              *conv_bn_relu(hidden, width, 1, 1, norm_layer))
-            for _ in range(num_blocks))
+        self.conv_blocks = Blocks([Bottleneck(width, hidden, norm_layer)
+                                   for _ in range(num_blocks)], with_cp)
         self.downsample = nn.Conv2d(width, out_width, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        op = self.row_op() if may_run_in_bands(self, x) else None
-        if op is not None:
-            return run_in_bands(op, x)
-        for block in self.conv_blocks:
-            x = add_residual(x, run_block(block, x, self.with_cp and self.training))
-        return conv_with(self.downsample, x, self.downsample.weight, self.downsample.bias)
+        return self.downsample(self.conv_blocks(x))
 
-    def row_op(self) -> Optional[ChainRows]:
-        blocks = [block.row_op() for block in self.conv_blocks]
-        if any(block is None for block in blocks):
-            return None
-        downsample = self.downsample
-        return ChainRows([*map(ResidualRows, blocks),
-                          ConvRows(downsample, downsample.weight, downsample.bias, relu=False)])
 
+# -- the MLP stages (channels-last (B, H, W, C) tensors) -----------------------------------
 
 class ChannelMLP(nn.Module):
-    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C. Without a graph
-    to record on the CPU a band of pixels at a time (:func:`may_run_in_bands`), so that the
-    hidden activations stay in the caches instead of taking fresh memory of (pixels, hidden);
-    in inference its block calls :meth:`added_to` on such bands instead."""
+    """(..., C) -> (..., C): Linear C->hidden, exact GELU, Linear hidden->C."""
 
     def __init__(self, width: int, hidden: int):
         super().__init__()
@@ -254,52 +176,7 @@ class ChannelMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, width)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if may_run_in_bands(self, x):
-            return run_pixels_in_bands(self.mlp, x, self.fc1.out_features)
-        return self.mlp(x)
-
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(self.act(self.fc1(x)))
-
-    def added_to(self, residual: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """``residual + mlp(x)`` for (N, C) matrices, with the GELU and the sum inside the
-        products' calls (:mod:`.fused_linear`); for inference."""
-        return linear_add(linear_gelu(x, self.fc1), self.fc2, residual)
-
-
-class ConvMLPBlock(nn.Module):
-    """(B, H, W, C) -> (B, H, W, C): channel MLP, 3x3 depthwise conv, channel MLP, each
-    behind its own LayerNorm; the two MLPs are residual, the depthwise conv is not."""
-
-    def __init__(self, width: int, hidden: int, drop_path: float = 0.):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width)
-        self.channel_mlp1 = ChannelMLP(width, hidden)
-        self.connect_norm = nn.LayerNorm(width)
-        self.connect = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
-        self.norm2 = nn.LayerNorm(width)
-        self.channel_mlp2 = ChannelMLP(width, hidden)
-        self.drop_path = ResidualDropPath(drop_path)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if may_run_in_bands(self, x) and not self.drop_path.drops():
-            return self.infer_in_bands(x)
-        x = self.drop_path(x, self.channel_mlp1(self.norm1(x)))
-        x = channels_last_conv(self.connect, self.connect_norm(x))
-        return self.drop_path(x, self.channel_mlp2(self.norm2(x)))
-
-    def infer_in_bands(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` without stochastic depth, each channel MLP a band of pixels at a
-        time together with its LayerNorm and residual sum (the first also with the
-        depthwise conv's LayerNorm), so that of these only the sums reach memory; the
-        second MLP's sum overwrites the depthwise conv's fresh output."""
-        mlp1, mlp2 = self.channel_mlp1, self.channel_mlp2
-        hidden = mlp1.fc1.out_features
-        x = run_pixels_in_bands(
-            lambda band: self.connect_norm(mlp1.added_to(band, self.norm1(band))), x, hidden)
-        x = channels_last_conv(self.connect, x)
-        return run_pixels_in_bands(lambda band: mlp2.added_to(band, self.norm2(band)), x,
-                                   mlp2.fc1.out_features, in_place=True)
 
 
 class ResidualDropPath(nn.Module):
@@ -317,9 +194,9 @@ class ResidualDropPath(nn.Module):
 
     def forward(self, x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
         if not self.drops():
-            return add_residual(x, branch)
+            return x + branch
         keep_prob = 1. - self.drop_prob
-        mask_shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
         scale = x.new_empty(mask_shape).bernoulli_(keep_prob).div_(keep_prob)
         return torch.addcmul(x, branch, scale)
 
@@ -327,103 +204,87 @@ class ResidualDropPath(nn.Module):
         return f'drop_prob={self.drop_prob}'
 
 
+class ConvMLPBlock(nn.Module):
+    """(B, H, W, C) -> (B, H, W, C): channel MLP, 3x3 depthwise conv, channel MLP, each
+    behind its own LayerNorm; the two MLPs are residual, the depthwise conv is not. The
+    conv takes the (B, C, H, W) view of contiguous (B, H, W, C) memory, which is
+    channels-last memory, and its output's (B, H, W, C) view is contiguous again."""
+
+    def __init__(self, width: int, hidden: int, drop_path: float = 0.):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.channel_mlp1 = ChannelMLP(width, hidden)
+        self.connect_norm = nn.LayerNorm(width)
+        self.connect = nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False)
+        self.norm2 = nn.LayerNorm(width)
+        self.channel_mlp2 = ChannelMLP(width, hidden)
+        self.drop_path = ResidualDropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.drop_path(x, self.channel_mlp1(self.norm1(x)))
+        x = self.connect(self.connect_norm(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self.drop_path(x, self.channel_mlp2(self.norm2(x)))
+
+
 class ConvDownsample(nn.Module):
-    """(B, H, W, Cin) -> (B, ceil(H/2), ceil(W/2), Cout) with a 3x3 stride-2 conv."""
+    """(B, H, W, Cin) -> (B, ceil(H/2), ceil(W/2), Cout) with a 3x3 stride-2 conv (on the
+    channels-last (B, C, H, W) view, as in :class:`ConvMLPBlock`)."""
 
     def __init__(self, in_width: int, out_width: int):
         super().__init__()
         self.downsample = nn.Conv2d(in_width, out_width, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return channels_last_conv(self.downsample, x)
+        return self.downsample(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
 
 
 class ConvMLPStage(nn.Module):
-    """(B, H, W, D) -> (B, H, W, D), or (B, H/2, W/2, D_next) when it downsamples.
-    One block per entry of ``drop_path_rates``."""
+    """(B, D, H, W) -> (B, D, H, W), or (B, D_next, H/2, W/2) when it downsamples, in
+    channels-last memory; its blocks see the (B, H, W, D) permute. One block per entry of
+    ``drop_path_rates``."""
 
     def __init__(self, width: int, hidden: int, drop_path_rates: Sequence[float],
                  out_width: int = 0, with_cp: bool = False):
         super().__init__()
-        self.with_cp = with_cp
-        self.blocks = nn.ModuleList(
-            ConvMLPBlock(width, hidden, rate) for rate in drop_path_rates)
-        self.downsample_mlp = ConvDownsample(width, out_width) if out_width else None
+        self.blocks = Blocks([ConvMLPBlock(width, hidden, rate) for rate in drop_path_rates],
+                             with_cp)
+        self.downsample_mlp = ConvDownsample(width, out_width) if out_width else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        use_cp = self.with_cp and self.training
-        for block in self.blocks:
-            x = run_block(block, x, use_cp)
-        if self.downsample_mlp is not None:
-            x = self.downsample_mlp(x)
+        x = self.downsample_mlp(self.blocks(x.permute(0, 2, 3, 1)))
+        return x.permute(0, 3, 1, 2)
+
+
+# -- shared parts --------------------------------------------------------------------------
+
+class Blocks(nn.Sequential):
+    """Blocks run in order. With ``with_cp`` in training each block is recomputed in the
+    backward pass instead of keeping its activations (less memory, same results)."""
+
+    def __init__(self, blocks: Sequence[nn.Module], with_cp: bool = False):
+        super().__init__(*blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.with_cp and self.training:
+            return self.forward_checkpointed(x)
+        for block in self:
+            x = block(x)
         return x
 
-
-def may_run_in_bands(module: nn.Module, x: torch.Tensor) -> bool:
-    """Whether ``module`` may compute ``x`` in bands of rows or pixels (see
-    :mod:`.row_bands`): on the CPU, with no autograd graph to record and no graph being
-    traced or compiled, and (checked by the callers' ``row_op``) every BatchNorm using its
-    running statistics. On a GPU the caching allocator already reuses memory, and many small
-    kernels would be slower."""
-    if x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return False
-    return not torch.is_grad_enabled() or not (
-        x.requires_grad or any(p.requires_grad for p in module.parameters()))
-
-
-def add_residual(x: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
-    """``x + branch``. Without autograd history to keep (inference, frozen parts) the sum
-    goes into the freshly computed ``branch`` instead of a new tensor."""
-    if branch.requires_grad:
-        return x + branch
-    return branch.add_(x)
-
-
-def channels_last_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    """Apply ``conv`` to a (B, H, W, C) tensor and return (B, H', W', C'); the permutes are
-    views, so contiguous channels-last memory goes in and comes out without a copy."""
-    return conv_with(conv, x.permute(0, 3, 1, 2), conv.weight, conv.bias).permute(0, 2, 3, 1)
-
-
-def channels_first(x: torch.Tensor) -> torch.Tensor:
-    """Contiguous (B, C, H, W) copy of a channels-last-memory (B, C, H, W) map, what
-    ``x.contiguous()`` gives. On the CPU it copies each image as one 2-D (H*W, C) ->
-    (C, H*W) transpose, which PyTorch's CPU copy does in cache-sized tiles, 2-3x faster than
-    the general strided copy behind ``contiguous()``; the backward pass turns the gradient
-    back the same way. Elsewhere (a GPU: one kernel instead of one per image) and in a graph
-    being traced or compiled (a loop over the batch would fix its size) it is one
-    ``contiguous()``."""
-    if x.is_contiguous():
+    @torch.jit.unused
+    def forward_checkpointed(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks through :func:`torch.utils.checkpoint.checkpoint`. The recomputation
+        leaves BatchNorm running statistics alone, so they end up as without it. In a graph
+        being compiled the recomputation is part of the compiled backward pass and updates
+        nothing, so no context is needed there (and dynamo cannot trace one)."""
+        for block in self:
+            if torch.compiler.is_compiling():
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = checkpoint(block, x, use_reentrant=False, context_fn=lambda block=block: (
+                    nullcontext(), running_stats_frozen(block)))
         return x
-    if x.device.type != 'cpu' or torch.jit.is_tracing() or torch.compiler.is_compiling():
-        return x.contiguous()
-    return _ChannelsFirst.apply(x)
-
-
-class _ChannelsFirst(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return transpose_images(x, to_channels_last=False)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        if not grad.is_contiguous():  # e.g. the expanded gradient of a mean
-            return grad.contiguous(memory_format=torch.channels_last)
-        return transpose_images(grad, to_channels_last=True)
-
-
-def run_block(block: nn.Module, x: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    """``block(x)``, recomputed in the backward pass instead of stored when asked. The
-    recomputation leaves BatchNorm running statistics alone, so they end up as without it.
-    In a graph being compiled the recomputation is part of the compiled backward pass and
-    updates nothing, so no context is needed there (and dynamo cannot trace one)."""
-    if not use_checkpoint:
-        return block(x)
-    if torch.compiler.is_compiling():
-        return checkpoint(block, x, use_reentrant=False)
-    return checkpoint(block, x, use_reentrant=False,
-                      context_fn=lambda: (nullcontext(), running_stats_frozen(block)))
 
 
 @contextmanager
@@ -461,16 +322,22 @@ def init_from_scratch(module: nn.Module) -> None:
 
 def per_stage_drop_path_rates(blocks: Sequence[int], drop_path_rate: float) -> List[List[float]]:
     """The authors' schedule: within each stage, rates rise linearly from 0 to the maximum."""
-    return [torch.linspace(0, drop_path_rate, n).tolist() for n in blocks]
+    return [[drop_path_rate * i / max(n - 1, 1) for i in range(n)] for n in blocks]
 
+
+# -- the network ---------------------------------------------------------------------------
 
 class ConvMLPFeatures(nn.Module):
     """The ConvMLP network without its classifier: tokenizer, convolutional stage and three
-    MLP stages. :meth:`forward_taps` yields the four feature maps of the spec."""
+    MLP stages. :meth:`forward_taps` returns the four feature maps of the spec.
+
+    ``compile=True`` runs :meth:`forward_taps` through ``torch.compile`` (see
+    :mod:`mmconvmlp.models.compiled`); where compiling fails, it warns once and runs eager.
+    """
 
     def __init__(self, arch: Union[str, Mapping] = 's', drop_path_rate: float = 0.1,
                  norm_layer: NormLayer = nn.BatchNorm2d, with_cp: bool = False,
-                 in_chans: int = 3):
+                 in_chans: int = 3, compile: bool = False):
         super().__init__()
         settings = resolve_arch(arch)
         check_drop_path_rate(drop_path_rate)
@@ -487,6 +354,9 @@ class ConvMLPFeatures(nn.Module):
             for i in range(len(blocks)))
         #: Channels of the four taps, in order.
         self.tap_channels: Tuple[int, ...] = (stem, widths[0], widths[1], widths[2])
+        from .compiled import compiled_taps_if
+        self.compiled_taps = compiled_taps_if(compile, type(self).__name__)
+        self.compiles = self.compiled_taps is not None
         self.apply(init_from_scratch)
         # Convolution weights in the layout of the activations they meet, so no call has to
         # reorder them; loading weights into them keeps this layout.
@@ -496,21 +366,27 @@ class ConvMLPFeatures(nn.Module):
         """The parts that ``frozen_stages`` counts, in order."""
         return [self.tokenizer, self.conv_stages, *self.stages]
 
-    def forward_taps(self, x: torch.Tensor, last: int = NUM_TAPS - 1
-                     ) -> Iterator[Tuple[int, torch.Tensor]]:
-        """Yield ``(index, map)`` for taps 0..``last``; maps are channels-last-memory
-        (B, C, H, W) views. Stops computing after tap ``last``."""
+    def forward_taps(self, x: torch.Tensor, last: int = NUM_TAPS - 1) -> List[torch.Tensor]:
+        """(B, in_chans, H, W) -> taps 0..``last`` as channels-last-memory (B, C_i, H_i, W_i)
+        maps; the parts after tap ``last`` do not run."""
         x = self.tokenizer(x.contiguous(memory_format=torch.channels_last))
-        yield 0, x
-        if last < 1:
-            return
-        x = self.conv_stages(x)
-        yield 1, x
-        if last < 2:
-            return
-        x = self.stages[0](x.permute(0, 2, 3, 1))
-        yield 2, x.permute(0, 3, 1, 2)
-        if last < 3:
-            return
-        x = self.stages[2](self.stages[1](x))
-        yield 3, x.permute(0, 3, 1, 2)
+        taps = [x]
+        if last >= 1:
+            x = self.conv_stages(x)
+            taps.append(x)
+        for i, stage in enumerate(self.stages):
+            if len(taps) <= last:
+                x = stage(x)
+                if i != 1:  # stage 1's output is not a tap
+                    taps.append(x)
+        return taps
+
+    def taps(self, x: torch.Tensor, last: int) -> List[torch.Tensor]:
+        """:meth:`forward_taps`, compiled with ``compile=True``."""
+        if self.compiles:
+            return self.compiled_forward_taps(x, last)
+        return self.forward_taps(x, last)
+
+    @torch.jit.unused
+    def compiled_forward_taps(self, x: torch.Tensor, last: int) -> List[torch.Tensor]:
+        return self.compiled_taps(self, x, last)

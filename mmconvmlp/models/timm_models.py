@@ -26,6 +26,7 @@ plain ``int``: ``out_indices=2`` (and ``indices=2``) means *the last two maps* (
 timm, but *map 2 only* in ``dict(type='ConvMLP', out_indices=2)``. A sequence means the same
 in both: those maps, negative ones counted from the end.
 """
+from contextlib import nullcontext
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -34,8 +35,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from .compiled import compiled_taps_if, taps
-from .convmlp import NUM_TAPS, ConvMLPFeatures, NormLayer, channels_first, init_from_scratch
+from .convmlp import NUM_TAPS, ConvMLPFeatures, NormLayer, init_from_scratch
 
 __all__ = ['ConvMLPClassifier', 'TAP_MODULES', 'TAP_REDUCTIONS', 'CHECKPOINT_URLS',
            'take_indices']
@@ -87,34 +87,41 @@ class ConvMLPClassifier(ConvMLPFeatures):
         compile: run the network (not the head) through ``torch.compile``, see
             :mod:`mmconvmlp.models.compiled`; where compiling fails, it warns once and runs
             eager.
+        device, dtype: where and in what type the parameters are made (timm's factory
+            arguments; ``device='meta'`` allocates nothing).
     """
 
     def __init__(self, arch: Union[str, Dict] = 's', num_classes: int = 1000, in_chans: int = 3,
                  global_pool: str = 'avg', drop_rate: float = 0., drop_path_rate: float = 0.1,
-                 norm_layer: Optional[NormLayer] = None, compile: bool = False):
-        super().__init__(arch, drop_path_rate=drop_path_rate,
-                         norm_layer=norm_layer or nn.BatchNorm2d, in_chans=in_chans)
-        self.compiled_taps = compiled_taps_if(compile, type(self).__name__)
+                 norm_layer: Optional[NormLayer] = None, compile: bool = False,
+                 device: Optional[Union[str, torch.device]] = None,
+                 dtype: Optional[torch.dtype] = None):
         if global_pool not in GLOBAL_POOLS:
             raise ValueError(f'ConvMLP global_pool={global_pool!r}: use one of {GLOBAL_POOLS}.')
-        width = self.tap_channels[-1]
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.drop_rate = drop_rate
-        self.num_features = self.head_hidden_size = width
-        #: The output format of :meth:`forward_features` (channels last).
-        self.output_fmt = 'NHWC'
-        self.feature_info: List[Dict[str, Any]] = [
-            dict(num_chs=ch, reduction=red, module=mod)
-            for ch, red, mod in zip(self.tap_channels, TAP_REDUCTIONS, TAP_MODULES)]
-        self.norm = nn.LayerNorm(width)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
-        self.norm.apply(init_from_scratch)
-        self.head.apply(init_from_scratch)
-        #: The last tap this model can still compute (lower after pruning).
-        self._last_tap = NUM_TAPS - 1
+        with torch.device(device) if device is not None else nullcontext():
+            super().__init__(arch, drop_path_rate=drop_path_rate,
+                             norm_layer=norm_layer or nn.BatchNorm2d, in_chans=in_chans,
+                             compile=compile)
+            width = self.tap_channels[-1]
+            self.num_classes = num_classes
+            self.in_chans = in_chans
+            self.global_pool = global_pool
+            self.drop_rate = drop_rate
+            self.num_features = self.head_hidden_size = width
+            #: The output format of :meth:`forward_features` (channels last).
+            self.output_fmt = 'NHWC'
+            self.feature_info: List[Dict[str, Any]] = [
+                dict(num_chs=ch, reduction=red, module=mod)
+                for ch, red, mod in zip(self.tap_channels, TAP_REDUCTIONS, TAP_MODULES)]
+            self.norm = nn.LayerNorm(width)
+            self.head_drop = nn.Dropout(drop_rate)
+            self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
+            self.norm.apply(init_from_scratch)
+            self.head.apply(init_from_scratch)
+            #: The last tap this model can still compute (lower after pruning).
+            self._last_tap = NUM_TAPS - 1
+        if dtype is not None:
+            self.to(dtype)
 
     # -- classifier API -------------------------------------------------------------------
     def get_classifier(self) -> nn.Module:
@@ -128,17 +135,18 @@ class ConvMLPClassifier(ConvMLPFeatures):
             self.global_pool = global_pool
         self.num_classes = num_classes
         if num_classes > 0:
-            self.head = nn.Linear(self.num_features, num_classes)
+            like = self.norm.weight  # the new head's device and dtype
+            self.head = nn.Linear(self.num_features, num_classes, device=like.device,
+                                  dtype=like.dtype)
             trunc_normal_(self.head.weight, std=.02)
             nn.init.zeros_(self.head.bias)
         else:
             self.head = nn.Identity()
+        self.head.train(self.training)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_chans, H, W) -> the normalised last stage, (B, H/32, W/32, D2)."""
-        for _, tap in taps(self, self.compiled_taps, x, last=self._last_tap):
-            pass
-        return self.norm(tap.permute(0, 2, 3, 1))
+        return self.norm(self.taps(x, self._last_tap)[-1].permute(0, 2, 3, 1))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """(B, H, W, D2) -> logits (B, num_classes), or the pooled (B, D2) features when
@@ -176,20 +184,20 @@ class ConvMLPClassifier(ConvMLPFeatures):
             raise ValueError(f'ConvMLP feature index {max_index} was pruned; this model '
                              f'computes taps 0..{self._last_tap}.')
         last = max_index if (stop_early or intermediates_only) else self._last_tap
+        taps = self.taps(x, last)
         intermediates = []
-        for index, tap in taps(self, self.compiled_taps, x, last=last):
+        for index, taken_map in enumerate(taps):
             if index not in taken:
                 continue
-            taken_map = tap
             if norm and index == NUM_TAPS - 1:
-                taken_map = self.norm(tap.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+                taken_map = self.norm(taken_map.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
             # Contiguous NCHW: some consumers (mmcv's CPU RoIAlign) read raw memory as NCHW.
             intermediates.append(taken_map.permute(0, 2, 3, 1) if output_fmt == 'NHWC'
-                                 else channels_first(taken_map))
+                                 else taken_map.contiguous())
         if intermediates_only:
             return intermediates
-        final = tap.permute(0, 2, 3, 1)
-        return (self.norm(final) if index == NUM_TAPS - 1 else final), intermediates
+        final = taps[-1].permute(0, 2, 3, 1)
+        return (self.norm(final) if len(taps) == NUM_TAPS else final), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1,
                                   prune_norm: bool = False, prune_head: bool = True

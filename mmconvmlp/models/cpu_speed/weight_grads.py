@@ -1,20 +1,20 @@
-"""Channels-last and channels-first memory: fast copies between them, and convolutions
-whose weight gradient is computed in channels-first memory where this CPU is faster so.
+"""Training on the CPU: convolutions whose weight gradient is computed in channels-first
+memory where this CPU is faster so.
 
 The network keeps its maps in channels-last memory, where oneDNN's forward and input-gradient
 kernels run fastest on AVX2 and AVX-512 CPUs alike. Its AVX2 kernel for the *weight* gradient
 of a channels-last convolution is the exception: on large maps it runs 1.5-4x slower than
 the kernel for oneDNN's blocked layouts, which a channels-first call reaches after a cheap
-reorder (3x3 convolutions, one thread: 32 -> 64 channels on 2x256x256 maps 269 ms against
-116 ms, the copies included; 128 -> 128 on 2x128x128, 465 against 153 ms), while on AVX-512
-the channels-last kernel is as fast or faster.
+reorder; on AVX-512 the channels-last kernel is as fast or faster (``docs/speed.md``).
 
-Rather than guessing from CPU flags, :func:`channels_last_weight_grad_is_slow` times one
-such weight gradient both ways, once per process. Where it is slow, :func:`conv2d` computes
-the weight gradients of the dense convolutions on large maps (see
-:func:`takes_channels_first_weight_grad`) from channels-first copies of the input and the
-output gradient. :func:`set_weight_grad_layout` forces either route (the tests simulate
-both kinds of CPU with it).
+:func:`accelerate_for_cpu_training` gives the dense convolutions of a model's ConvMLP
+networks the class :class:`ChannelsFirstWeightGradConv2d` (same parameters and names), whose
+weight gradient comes from channels-first copies of the input and the output gradient where
+:func:`takes_channels_first_weight_grad` says so: float32 on the CPU, a large map, and a CPU
+whose channels-last weight gradients are slow. Rather than guessing from CPU flags,
+:func:`channels_last_weight_grad_is_slow` times one such weight gradient both ways, once per
+process. :func:`set_weight_grad_layout` forces either route (the tests simulate both kinds
+of CPU with it). Elsewhere the convolution is ``nn.Conv2d``'s own.
 """
 import functools
 from typing import Optional, Tuple
@@ -24,19 +24,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from ..machine import best_thread_time
+from ...machine import best_thread_time
 
 WEIGHT_GRAD_LAYOUTS = ('auto', 'channels_last', 'channels_first')
 #: How many times faster the channels-first route must measure in the probe to be taken.
-#: Measured by the probe's one-thread CPU time, one process each on the same AMD EPYC: 0.78-0.80
-#: natively (AVX-512, 5 processes), 1.40-2.20 held to AVX2 (15 processes; the channels-last
-#: kernel's time is what varies), so AVX2 is at least 8% above the margin.
+#: It lies between what the probe measures held to AVX2 and natively on AVX-512
+#: (``docs/speed.md``).
 MARGIN = 1.3
 #: Where the channels-first route pays on a CPU that takes it: maps of at least
 #: ``MIN_PIXELS`` pixels per image, and ``in_channels * out_channels * pixels`` of at least
-#: ``MIN_WORK``. Below, the copies cost about what the faster kernel saves (AVX2, 3x3
-#: convolutions, 1-2 threads: 32->32 channels on 128x128 maps 0.6-0.7x, on 256x256 1.05-1.5x;
-#: 64->64 on 128x128 2.5-2.9x; 128->128 on 128x128 2.5-3.0x).
+#: ``MIN_WORK``. Below, the copies cost about what the faster kernel saves.
 MIN_PIXELS = 64 * 64
 MIN_WORK = 2 ** 26
 
@@ -74,7 +71,7 @@ def weight_grad_probe() -> Tuple[float, float]:
     """CPU seconds of the weight gradient of a 3x3 convolution, 128 -> 128 channels on a
     1x128x128x128 map (as in the convolutional stage of a 512x512 image), in channels-last
     memory and by the channels-first route (copies included); best of two runs after one
-    untimed run, on one thread. About 0.4 s in all on AVX-512, 0.8 s on AVX2."""
+    untimed run, on one thread (under a second in all)."""
     gen = torch.Generator().manual_seed(0)
     x, grad = (torch.randn(1, 128, 128, 128, generator=gen).contiguous(
         memory_format=torch.channels_last) for _ in range(2))
@@ -105,7 +102,7 @@ def _weight_grad(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
 
 def takes_channels_first_weight_grad(conv: nn.Conv2d, x: torch.Tensor,
                                      weight: torch.Tensor) -> bool:
-    """Whether :func:`conv2d` computes this convolution's weight gradient in channels-first
+    """Whether :class:`ChannelsFirstWeightGradConv2d` computes this convolution's weight gradient in channels-first
     memory: a float32 channels-last map on the CPU, outside autocast and graph capture, whose
     weight needs a gradient; a dense convolution with a kernel larger than 1x1 on a map
     large enough (:data:`MIN_PIXELS`, :data:`MIN_WORK`); and a CPU whose channels-last
@@ -120,14 +117,40 @@ def takes_channels_first_weight_grad(conv: nn.Conv2d, x: torch.Tensor,
             and weight_grad_layout() == 'channels_first')
 
 
-def conv2d(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor,
-           bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """``conv``'s geometry applied to the channels-last (B, C, H, W) map ``x`` with the given
-    weight and bias; the weight gradient in channels-first memory where
+class ChannelsFirstWeightGradConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose weight gradient is computed in channels-first memory where
     :func:`takes_channels_first_weight_grad` says so. Same values either way, to rounding."""
-    if takes_channels_first_weight_grad(conv, x, weight):
-        return _ChannelsFirstWeightGrad.apply(x, weight, bias, conv.stride, conv.padding)
-    return F.conv2d(x, weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if takes_channels_first_weight_grad(self, x, self.weight):
+            return _ChannelsFirstWeightGrad.apply(x, self.weight, self.bias, self.stride,
+                                                  self.padding)
+        return super().forward(x)
+
+
+def accelerate_for_cpu_training(model: nn.Module) -> nn.Module:
+    """Give the dense convolutions with kernels larger than 1x1 of every ConvMLP network in
+    ``model`` (any module holding one: a backbone, a timm model, a detector) the class
+    :class:`ChannelsFirstWeightGradConv2d`. Parameters, buffers and their names stay.
+    Returns ``model``; :func:`remove_cpu_training_route` undoes it."""
+    from ..convmlp import ConvMLPFeatures
+    for network in model.modules():
+        if not isinstance(network, ConvMLPFeatures):
+            continue
+        for conv in network.modules():
+            if type(conv) is nn.Conv2d and conv.groups == 1 and conv.dilation == (1, 1) \
+                    and conv.kernel_size != (1, 1) and conv.padding_mode == 'zeros' \
+                    and isinstance(conv.padding, tuple):
+                conv.__class__ = ChannelsFirstWeightGradConv2d
+    return model
+
+
+def remove_cpu_training_route(model: nn.Module) -> nn.Module:
+    """Undo :func:`accelerate_for_cpu_training`: plain ``nn.Conv2d`` again."""
+    for conv in model.modules():
+        if type(conv) is ChannelsFirstWeightGradConv2d:
+            conv.__class__ = nn.Conv2d
+    return model
 
 
 class _ChannelsFirstWeightGrad(torch.autograd.Function):

@@ -1,5 +1,5 @@
-"""Inference of the convolutional front end in horizontal bands of rows, and of the channel
-MLPs in bands of pixels.
+"""The convolutional front end in horizontal bands of rows, and the channel MLPs in bands of
+pixels, for inference (:mod:`.inference` decides where).
 
 In inference the tokenizer and the convolutional stage are chains of convolutions (with
 their BatchNorms folded in), ReLUs, a max-pool and residual sums: each output row depends on
@@ -14,7 +14,7 @@ A :class:`RowOp` maps a (B, C, H, W) band to a band; :func:`run_in_bands` drives
 them over a map. Every op here has a square window with the same ``size``/``stride``/``pad``
 across and down. Where a band meets the top or bottom edge of the map, the op's own padding
 (zeros, or -inf for max-pooling) stands in for the rows outside it (:meth:`RowOp.rows`), so
-no band is copied to be padded; at 1x3x640x640 that took 5 ms (AVX-512) of about 420.
+no band is copied to be padded.
 """
 from typing import Callable, List, Optional, Sequence, Tuple
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .fused_linear import fuses, linear_relu
+from .onednn import fuses, linear_relu
 
 #: Bytes of output a band of rows aims at (its intermediates are then a few times that), and
 #: bytes of the widest intermediate a band of pixels aims at.
@@ -77,10 +77,18 @@ class ConvRows(RowOp):
 
     def __init__(self, conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor],
                  relu: bool):
-        assert conv.kernel_size[0] == conv.kernel_size[1] and conv.stride[0] == conv.stride[1]
-        assert conv.padding[0] == conv.padding[1] and conv.dilation == (1, 1)
+        assert self.takes(conv)
         self.size, self.stride, self.pad = conv.kernel_size[0], conv.stride[0], conv.padding[0]
         self.groups, self.weight, self.bias, self.relu = conv.groups, weight, bias, relu
+
+    @staticmethod
+    def takes(conv: nn.Module) -> bool:
+        """Whether ``conv`` is a convolution of the square geometry this op runs."""
+        return (isinstance(conv, nn.Conv2d) and conv.padding_mode == 'zeros'
+                and isinstance(conv.padding, tuple)
+                and conv.kernel_size[0] == conv.kernel_size[1]
+                and conv.stride[0] == conv.stride[1] and conv.padding[0] == conv.padding[1]
+                and conv.dilation == (1, 1))
 
     def out_channels(self, channels: int) -> int:
         return self.weight.shape[0]
@@ -101,10 +109,17 @@ class MaxPoolRows(RowOp):
     fill = float('-inf')
 
     def __init__(self, pool: nn.MaxPool2d, relu: bool):
-        assert isinstance(pool.kernel_size, int) and pool.dilation == 1 and not pool.ceil_mode
+        assert self.takes(pool)
         self.size, self.stride, self.pad = pool.kernel_size, pool.stride, pool.padding
         self.max_pad = pool.kernel_size // 2
         self.relu = relu
+
+    @staticmethod
+    def takes(pool: nn.Module) -> bool:
+        """Whether ``pool`` is a max-pooling of the square geometry this op runs."""
+        return (isinstance(pool, nn.MaxPool2d) and all(
+            isinstance(v, int) for v in (pool.kernel_size, pool.stride, pool.padding))
+            and pool.dilation == 1 and not pool.ceil_mode and not pool.return_indices)
 
     def apply(self, x: torch.Tensor, row_pad: int) -> torch.Tensor:
         x = F.max_pool2d(x, self.size, self.stride, (row_pad, self.pad))
@@ -194,7 +209,7 @@ def run_pixels_in_bands(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Ten
     pixels = x.reshape(-1, x.shape[-1])
     step = max(1, BAND_BYTES // (inner_channels * x.element_size()))
     out = pixels if in_place else None
-    for lo in range(0, len(pixels), step):
+    for lo in range(0, max(len(pixels), 1), step):  # one empty band for an empty batch
         band = fn(pixels[lo:lo + step])
         if out is None:
             if step >= len(pixels):
