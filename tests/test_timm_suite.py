@@ -12,11 +12,11 @@ ROOT = osp.dirname(osp.dirname(osp.abspath(__file__)))
 def test_timms_model_tests_pass_on_convmlp_s():
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'run_timm_tests.py'), '--models', 'convmlp_s',
-         '--', '-v'],
+         '--', '-rA'],
         capture_output=True, text=True, timeout=1200,
         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS='1'))
     assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-2000:])
-    passed = set(re.findall(r'::(test_\w+)\[[^\]]*convmlp_s[^\]]*\] PASSED', result.stdout))
+    passed = set(re.findall(r'PASSED \S*::(test_\w+)\[[^\]]*convmlp_s', result.stdout))
     assert {'test_model_forward', 'test_model_backward', 'test_model_default_cfgs',
             'test_model_forward_features', 'test_model_forward_torchscript',
             'test_model_forward_fx', 'test_model_backward_fx',
