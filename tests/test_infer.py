@@ -232,6 +232,85 @@ def test_bad_inputs_stop_with_a_message_naming_them(workspace, tmp_path, monkeyp
     assert message.startswith('infer.py: ') and expected in message and named in message
 
 
+def test_unreadable_images_are_skipped_and_summed_up(workspace, tmp_path, monkeypatch):
+    """A folder with a damaged image: the others are written, the run ends with status 1
+    and the list of what it skipped; a folder of damaged images only sends no batch."""
+    root, detector, _ = workspace
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for name in sorted(os.listdir(root / COCO_VAL)):
+        (folder / name).write_bytes((root / COCO_VAL / name).read_bytes())
+    (folder / 'broken.jpg').write_bytes(b'\xff\xd8 not a JPEG')
+    with pytest.raises(SystemExit) as stop:
+        infer.main([RETINANET, detector, str(folder), '--out-dir', str(tmp_path / 'out'),
+                    '--score-thr', '1.01'])
+    assert str(stop.value.code) == (
+        'infer.py: 1 of 3 images could not be read and were skipped (the other 2 were '
+        f'written):\n  {folder / "broken.jpg"} is not a readable image.')
+    assert sorted(os.listdir(tmp_path / 'out' / 'preds')) == sorted(
+        osp.splitext(name)[0] + '.json' for name in os.listdir(root / COCO_VAL))
+
+    for name in os.listdir(root / COCO_VAL):
+        (folder / name).unlink()
+    (folder / 'empty.png').write_bytes(b'')
+    monkeypatch.setattr(infer, 'predict', lambda *_: pytest.fail('predict called'))
+    with pytest.raises(SystemExit) as stop:
+        infer.main([RETINANET, detector, str(folder), '--out-dir', str(tmp_path / 'out2')])
+    assert str(stop.value.code).startswith('infer.py: none of the 2 images could be read:\n')
+
+
+@pytest.mark.parametrize('case', ['a file', 'inside a file'])
+def test_an_output_folder_that_cannot_be_written_is_named(workspace, tmp_path, case):
+    root, detector, _ = workspace
+    image = str(root / COCO_VAL / sorted(os.listdir(root / COCO_VAL))[0])
+    blocker = tmp_path / 'results'
+    blocker.write_text('a file')
+    out = blocker if case == 'a file' else blocker / 'run1'
+    with pytest.raises(SystemExit) as stop:
+        infer.main([RETINANET, detector, image, '--out-dir', str(out)])
+    message = str(stop.value.code)
+    if case == 'a file':
+        assert message == (f'infer.py: --out-dir {out} is a file, not a folder: give a '
+                           'folder to write the results in.')
+    else:
+        assert message.startswith(f'infer.py: --out-dir {out} cannot be written (')
+        assert message.endswith('): give a folder you can write to.')
+
+
+@pytest.mark.parametrize('config', ['detector', 'segmentor'])
+def test_a_huge_image_runs_at_the_model_size_and_answers_in_its_pixels(
+        workspace, tmp_path, monkeypatch, config):
+    """A 960x960 image for a model tested at 96x96: the model gets it shrunk to 192x192
+    (twice its test size); the JSON's boxes and the label map are in the input's pixels."""
+    import mmcv
+    root, detector, segmentor = workspace
+    folder = COCO_VAL if config == 'detector' else ADE_VAL
+    small = mmcv.imread(str(root / folder / sorted(os.listdir(root / folder))[0]))
+    big = tmp_path / 'big.png'
+    mmcv.imwrite(small.repeat(10, 0).repeat(10, 1), str(big))
+    seen = []
+    predict = infer.predict
+    monkeypatch.setattr(infer, 'predict', lambda model, image: seen.append(
+        (image.shape, predict(model, image))) or seen[-1][1])
+    out = tmp_path / 'out'
+    infer.main([RETINANET if config == 'detector' else SEM_FPN,
+                detector if config == 'detector' else segmentor, str(big),
+                '--out-dir', str(out), '--score-thr', '1.01'])
+    (shape, sample), = seen
+    assert shape == (192, 192, 3)
+    prediction = read_json(out / 'preds' / 'big.json')
+    if config == 'detector':
+        boxes = sample.pred_instances.bboxes.cpu().numpy()
+        assert len(boxes) > 0
+        np.testing.assert_allclose(prediction['bboxes'], boxes * 5, rtol=1e-5)
+    else:
+        written = mmcv.imread(str(out / 'preds' / 'big.png'), 'unchanged')
+        assert written.shape == (960, 960)
+        labels = sample.pred_sem_seg.data[0].cpu().numpy()
+        np.testing.assert_array_equal(written[::5, ::5], labels)
+        assert sum(prediction['pixels'].values()) == 960 * 960
+
+
 def test_bad_input_prints_one_line_without_traceback(workspace, tmp_path):
     root, detector, _ = workspace
     result = subprocess.run(

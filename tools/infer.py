@@ -13,14 +13,20 @@ by their visualizers. Written to OUT_DIR (default ``outputs/``):
                         segmentation: the classes found and the pixels of each
     preds/STEM.png      segmentation: the label map (one class index per pixel)
 
-A video gives one JSON holding the predictions of every frame.
+A video gives one JSON holding the predictions of every frame. An image more than twice the
+model's test size (its test pipeline's Resize, else the size its data preprocessor pads to)
+is shrunk to twice that size before the model runs, so memory follows the model, not the
+photo: its picture is drawn at the shrunk size, and its boxes, masks and label map are given
+in pixels of the input all the same. Images that cannot be read are skipped and listed at the
+end, and the tool then exits with status 1.
 """
 import argparse
 import json
 import os
 import os.path as osp
 import sys
-from typing import List, Tuple
+import tempfile
+from typing import List, Optional, Tuple
 
 sys.path.insert(0, osp.dirname(osp.dirname(osp.abspath(__file__))))
 
@@ -34,6 +40,8 @@ from mmconvmlp.engine.inference_precision import PRECISIONS, prepare_inference  
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 VIDEO_EXTENSIONS = ('.mp4', '.avi', '.mov', '.mkv', '.webm', '.m4v', '.mpg', '.mpeg')
 SCOPES = ('mmdet', 'mmseg')
+#: An image larger than this many times the model's test size is shrunk to that size first.
+SHRINK_ABOVE = 2
 
 
 class InferenceInputError(ReadableError, ValueError):
@@ -99,6 +107,54 @@ def read_image(path: str) -> np.ndarray:
     if image is None:
         raise InferenceInputError(f'{path} is not a readable image.')
     return image
+
+
+def check_out_dir(out_dir: str) -> None:
+    """Make ``out_dir``/vis and ``out_dir``/preds, or say why they cannot be written."""
+    if osp.exists(out_dir) and not osp.isdir(out_dir):
+        raise InferenceInputError(f'--out-dir {out_dir} is a file, not a folder: give a '
+                                  'folder to write the results in.')
+    try:
+        for sub in ('vis', 'preds'):
+            os.makedirs(osp.join(out_dir, sub), exist_ok=True)
+            with tempfile.TemporaryFile(dir=osp.join(out_dir, sub)):
+                pass
+    except OSError as error:
+        raise InferenceInputError(
+            f'--out-dir {out_dir} cannot be written ({error.strerror or error}: '
+            f'{error.filename or out_dir}): give a folder you can write to.') from None
+
+
+def test_size(cfg) -> Optional[Tuple[int, int]]:
+    """The (long side, short side) the model is tested at: what the Resize of the config's
+    test pipeline fits images into, else the size its data preprocessor pads to or its
+    sliding window (segmentors without a Resize); None when the config says none."""
+    pipeline = cfg.get('test_dataloader', {}).get('dataset', {}).get('pipeline') or []
+    sizes = [step.get('scale') for step in pipeline if isinstance(step, dict)
+             and str(step.get('type', '')).endswith('Resize') and step.get('keep_ratio')]
+    model = cfg.get('model', {})
+    sizes += [model.get('data_preprocessor', {}).get('size'),
+              (model.get('test_cfg') or {}).get('crop_size')]
+    size = next((size for size in sizes if size), None)
+    if size is None:
+        return None
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return max(size), min(size)
+
+
+def shrink(image: np.ndarray, limits: Optional[Tuple[int, int]]) -> np.ndarray:
+    """``image`` shrunk (by area averaging) to :data:`SHRINK_ABOVE` times the size the test
+    pipeline would resize it to, when it is larger than that; else ``image`` itself."""
+    import cv2
+    height, width = image.shape[:2]
+    if limits is None:
+        return image
+    factor = max(max(height, width) / (SHRINK_ABOVE * limits[0]),
+                 min(height, width) / (SHRINK_ABOVE * limits[1]))
+    if factor <= 1:
+        return image
+    size = (max(1, round(width / factor)), max(1, round(height / factor)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA)
 
 
 # ----------------------------------------------------------------------------------------
@@ -192,53 +248,100 @@ def draw(inferencer, image: np.ndarray, sample, score_thr: float, draw_gt: bool 
     return inferencer.visualizer.get_image()
 
 
-def to_json(inferencer, sample) -> dict:
+def to_json(inferencer, sample, size: Optional[Tuple[int, int]] = None) -> dict:
     """Detection: mmdet's prediction dict (``pred2dict``) plus ``label_names``;
-    segmentation: the class names found, with their pixel counts."""
+    segmentation: the class names found, with their pixel counts. ``size`` (width, height)
+    is the input's, when the model saw it shrunk: boxes and masks are scaled back to it."""
     classes = inferencer.model.dataset_meta['classes']
     if is_detector(inferencer):
         prediction = inferencer.pred2dict(sample)
         prediction['label_names'] = [classes[i] for i in prediction['labels']]
+        if size is not None:
+            in_input_pixels(prediction, sample, size)
         return prediction
-    labels, counts = np.unique(label_map(sample), return_counts=True)
+    labels, counts = np.unique(label_map(sample, size), return_counts=True)
     return dict(pixels={classes[i]: int(n) for i, n in zip(labels.tolist(), counts)})
 
 
-def label_map(sample) -> np.ndarray:
-    """The (H, W) class indices of a segmentation prediction."""
-    return sample.pred_sem_seg.data[0].cpu().numpy()
+def in_input_pixels(prediction: dict, sample, size: Tuple[int, int]) -> None:
+    """Scale the boxes of ``prediction`` (made for the shrunk image of ``sample``) to the
+    input's ``size`` and encode its masks at that size, one at a time."""
+    import cv2
+    import pycocotools.mask as mask_util
+    height, width = sample.ori_shape[:2]
+    scale = np.array([size[0] / width, size[1] / height] * 2)
+    prediction['bboxes'] = (np.asarray(prediction['bboxes']).reshape(-1, 4)
+                            * scale).tolist()
+    if 'masks' in prediction:
+        masks = []
+        for mask in sample.pred_instances.masks.cpu().numpy():
+            big = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
+            encoded = mask_util.encode(np.asfortranarray(big))
+            masks.append(dict(size=encoded['size'], counts=encoded['counts'].decode()))
+        prediction['masks'] = masks
+
+
+def label_map(sample, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
+    """The (H, W) class indices of a segmentation prediction, at ``size`` (width, height)
+    when given."""
+    import cv2
+    labels = sample.pred_sem_seg.data[0].cpu().numpy()
+    if size is None or labels.shape[::-1] == tuple(size):
+        return labels
+    return cv2.resize(labels.astype(np.uint16), size, interpolation=cv2.INTER_NEAREST)
 
 
 # ----------------------------------------------------------------------------------------
 # Runs over images and videos
 
 
-def run_on_images(inferencer, paths: List[str], out_dir: str, score_thr: float) -> int:
-    """Predict and draw each image; returns how many were written."""
+def run_on_images(inferencer, paths: List[str], out_dir: str,
+                  score_thr: float) -> Tuple[int, List[str]]:
+    """Predict and draw each image that can be read; returns how many were written and,
+    for each image skipped, why."""
     import mmcv
     from mmengine.utils import ProgressBar
     vis_dir, pred_dir = osp.join(out_dir, 'vis'), osp.join(out_dir, 'preds')
-    os.makedirs(vis_dir, exist_ok=True)
-    os.makedirs(pred_dir, exist_ok=True)
+    limits = test_size(inferencer.cfg)
+    written, skipped = 0, []
     progress = ProgressBar(len(paths))
     try:
         for path in paths:
-            image = read_image(path)
+            try:
+                image = read_image(path)
+            except InferenceInputError as error:
+                skipped.append(str(error))
+                progress.update()
+                continue
+            size = image.shape[1::-1]
+            image = shrink(image, limits)
+            shrunk = size if image.shape[1::-1] != size else None
             sample = predict(inferencer, image)
             name = osp.basename(path)
             stem = osp.splitext(name)[0]
             mmcv.imwrite(draw(inferencer, image, sample, score_thr)[..., ::-1],
                          osp.join(vis_dir, name))
-            prediction = dict(image=path, **to_json(inferencer, sample))
+            prediction = dict(image=path, **to_json(inferencer, sample, shrunk))
             if not is_detector(inferencer):
                 prediction['label_map'] = osp.join(pred_dir, stem + '.png')
-                mmcv.imwrite(label_map(sample).astype(np.uint8), prediction['label_map'])
+                labels = label_map(sample, shrunk)
+                mmcv.imwrite(labels.astype(np.uint8 if labels.max() < 256 else np.uint16),
+                             prediction['label_map'])
             with open(osp.join(pred_dir, stem + '.json'), 'w') as f:
                 json.dump(prediction, f)
+            written += 1
             progress.update()
     finally:
         print()  # ends the progress bar's line
-    return len(paths)
+    return written, skipped
+
+
+def skipped_summary(skipped: List[str], total: int) -> str:
+    """The closing message of a run that skipped unreadable images."""
+    head = (f'none of the {total} images could be read' if len(skipped) == total else
+            f'{len(skipped)} of {total} images could not be read and were skipped (the other '
+            f'{total - len(skipped)} were written)')
+    return head + ':\n' + '\n'.join(f'  {reason}' for reason in skipped)
 
 
 def run_on_video(inferencer, path: str, out_dir: str, score_thr: float) -> Tuple[str, str, int]:
@@ -250,8 +353,6 @@ def run_on_video(inferencer, path: str, out_dir: str, score_thr: float) -> Tuple
     if not reader.opened or reader.frame_cnt == 0:
         raise InferenceInputError(f'{path} is not a readable video.')
     stem = osp.splitext(osp.basename(path))[0]
-    os.makedirs(osp.join(out_dir, 'vis'), exist_ok=True)
-    os.makedirs(osp.join(out_dir, 'preds'), exist_ok=True)
     video_file = osp.join(out_dir, 'vis', stem + '.mp4')
     json_file = osp.join(out_dir, 'preds', stem + '.json')
     writer = cv2.VideoWriter(video_file, cv2.VideoWriter_fourcc(*'mp4v'), reader.fps,
@@ -277,6 +378,7 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         kind, paths = list_inputs(args.input)
+        check_out_dir(args.out_dir)
         inferencer = build_inferencer(args.config, args.checkpoint,
                                       args.device or default_device())
         print(f'precision: {prepare_inference(inferencer.model, args.precision)}')
@@ -286,10 +388,12 @@ def main(argv=None):
             print(f'video with the predictions drawn: {video_file} ({count} frames)\n'
                   f'predictions of every frame:       {json_file}')
         else:
-            count = run_on_images(inferencer, paths, args.out_dir, args.score_thr)
+            count, skipped = run_on_images(inferencer, paths, args.out_dir, args.score_thr)
             print(f'pictures with the predictions drawn: {osp.join(args.out_dir, "vis")} '
                   f'({count} images)\n'
                   f'predictions, one JSON per image:     {osp.join(args.out_dir, "preds")}')
+            if skipped:
+                raise InferenceInputError(skipped_summary(skipped, len(paths)))
     except ReadableError as error:  # a bad input: its message, without a traceback
         sys.exit(f'infer.py: {error}')
 
