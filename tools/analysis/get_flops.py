@@ -149,4 +149,6 @@ def main(argv=None):
 
 
 if __name__ == '__main__':
+    from mmconvmlp.engine import install_excepthook
+    install_excepthook()  # mmconvmlp's readable errors print without a traceback
     main()
