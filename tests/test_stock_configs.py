@@ -57,7 +57,8 @@ def test_the_table_covers_the_common_stock_models():
 
 def convmlp_config(stock, arch, changes):
     """The stock config with ``backbone=dict(_delete_=True, type='ConvMLP', arch=arch)`` and
-    the row's settings, as a user writes them; plus what only makes this test small."""
+    the row's settings, as a user writes them (mmseg's stock ``model.pretrained``, ResNet's
+    weights, stays: ConvMLP ignores it); plus what only makes this test small."""
     cfg = Config.fromfile(resolve_config(stock))
     cfg.model.backbone = ConfigDict(type='ConvMLP', arch=arch)
     for key, value in changes.items():
@@ -67,7 +68,6 @@ def convmlp_config(stock, arch, changes):
             node = node[parent]
         node[last] = value
     if cfg.default_scope == 'mmseg':
-        cfg.model.pretrained = None  # stock mmseg configs name ResNet-50's ImageNet weights
         cfg.model.data_preprocessor.size = (SIZE, SIZE)  # pads to the 512x512 crop otherwise
     cfg.model.data_preprocessor.pop('batch_augments', None)  # Mask2Former: pads to 1024x1024
     return cfg
