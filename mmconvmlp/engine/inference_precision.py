@@ -12,8 +12,9 @@ the ``forward`` of every head (a module with ``predict_by_feat``: dense heads, R
 and mask heads, decode heads) under ``torch.autocast``, their outputs handed on in float32. So
 everything between and after them stays float32: RoI feature extraction, box decoding, NMS,
 mask pasting and the resizing of segmentation logits (mmcv's CPU NMS and RoIAlign have no
-bfloat16 kernels). :func:`prepare_inference` does both, and on the CPU also routes mmcv's
-RoIAlign through torchvision (:mod:`mmconvmlp.engine.cpu_roi_align`).
+bfloat16 kernels). :func:`prepare_inference` does both, and on the CPU also applies ConvMLP's
+inference speed layer and routes mmcv's RoIAlign through torchvision
+(:mod:`mmconvmlp.engine.cpu_roi_align`).
 """
 import functools
 import warnings
@@ -124,19 +125,24 @@ def prepare_inference(model: torch.nn.Module, precision: str = 'auto',
     """Set ``model`` (an mmdet detector or mmseg segmentor, possibly wrapped) up for
     inference on ``device`` (default: that of its parameters) in ``precision``, and return
     one line saying what runs how: the dtype chosen and why, and on the CPU how many of
-    mmcv's RoIAlign layers now run torchvision's kernel."""
+    mmcv's RoIAlign layers now run torchvision's kernel. On the CPU, ConvMLP's inference
+    speed layer (:func:`~mmconvmlp.models.cpu_speed.accelerate_for_cpu_inference`) is
+    applied too."""
+    from ..models.cpu_speed import accelerate_for_cpu_inference
     from .cpu_roi_align import use_torchvision_roi_align
     if device is None:
         device = next(model.parameters()).device
     dtype, why = choose_inference_dtype(device, precision)
     line = why
+    if device.type == 'cpu':
+        # ConvMLP's bands and fused calls: module classes swapped before any forward is
+        # wrapped below, so the wrappers call the fast classes' forward
+        accelerate_for_cpu_inference(model)
     if dtype != torch.float32:
         run_network_in(model, dtype)
         line += '; backbone, neck and heads in ' + str(dtype).split('.')[1] + \
                 ' autocast, post-processing in float32'
     if device.type == 'cpu':
-        from ..models.cpu_speed import accelerate_for_cpu_inference
-        accelerate_for_cpu_inference(model)  # ConvMLP's bands and fused calls
         swapped = use_torchvision_roi_align(model)
         if swapped:
             line += f'; {swapped} RoIAlign layers on torchvision\'s CPU kernel'
