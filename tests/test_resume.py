@@ -132,14 +132,16 @@ def counting_runner(work_dir, name, dataset, max_iters, resume_from=None):
 
 
 def test_a_late_resume_loads_only_the_batches_it_trains(tmp_path):
-    """A checkpoint whose counter says 5000 iterations: the resumed run reads the 4 samples
-    of its two iterations, the ones at positions 10000-10003 of the sampler's stream
-    (mmengine 0.10.7 alone reads the 10000 before them first)."""
+    """A checkpoint whose counter and sample position say 5000 iterations (batches of 2):
+    the resumed run reads the 4 samples of its two iterations, the ones at positions
+    10000-10003 of the sampler's stream (mmengine 0.10.7 alone reads the 10000 before them
+    first)."""
     dataset = CountingDataset()
     counting_runner(tmp_path, 'late_first', dataset, max_iters=1).train()
     assert len(dataset.reads) == 2
     checkpoint = torch.load(tmp_path / 'iter_1.pth')
     checkpoint['meta']['iter'] = 5000
+    checkpoint['resume_state']['position']['samples'] = 5000 * 2
     torch.save(checkpoint, tmp_path / 'iter_5000.pth')
 
     dataset.reads.clear()

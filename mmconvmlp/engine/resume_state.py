@@ -250,9 +250,9 @@ class ResumeStateHook(Hook):
             why.append(f'each of the {saved["processes"]} processes had its own random '
                        f'generators, which {now["processes"]} processes cannot continue '
                        'one to one')
-        if saved['batch_size'] * saved['processes'] != per_iter \
-                or saved['batch_size'] != now['batch_size']:
-            why.append('the iterations group other samples (and the learning-rate '
+        if saved['batch_size'] * saved['processes'] != per_iter:
+            why.append(f'an iteration takes {per_iter} samples instead of '
+                       f'{saved["batch_size"] * saved["processes"]} (and the learning-rate '
                        'schedule counts iterations)')
         if saved['dataset_length'] != now['dataset_length']:
             why.append('the training set changed')
