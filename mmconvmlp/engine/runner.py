@@ -60,7 +60,8 @@ from .worker_lifetime import TiedToMainProcess
 @RUNNERS.register_module()
 class ConvMLPRunner(Runner):
     """mmengine's Runner, plus CPU processes, the data check, atomic checkpoints, a
-    warning when there is nothing to resume from and identical resumes (see the module)."""
+    warning when there is nothing to resume from, identical resumes, preemption and one
+    training per work dir (see the module)."""
 
     @classmethod
     def from_cfg(cls, cfg) -> 'ConvMLPRunner':
