@@ -1,7 +1,7 @@
 """Cluster life on a toy training (tests/toy_training.py, a second a run): a preemption
 signal saves the iteration and exits with 75, and the resume ends with the weights of an
-uninterrupted run, with one process or two (killed with -9 or signalled on one rank); a
-fake Slurm requeues and resumes; resumes with another layout continue at the right sample
+uninterrupted run, with one process or two (killed with -9 or signalled on one rank);
+SIGTERM to torchrun stops its processes with a checkpoint; a fake Slurm requeues and resumes; resumes with another layout continue at the right sample
 or stop with one message; a failed save, a busy work dir and orphaned workers. The same on
 the demo configs, end to end, is in test_preemption_demos.py (marker ``cluster``)."""
 import itertools
@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 import torch
 from mmengine.config import Config
@@ -128,6 +129,33 @@ def test_two_processes_resume_as_uninterrupted_after_kill_or_signal(tmp_path):
             'be bit-identical to an uninterrupted run: each of the 2 processes had its own '
             'random generators, which 1 processes cannot continue one to one') in log
     assert log.count('Epoch(train)') == 4 + 6  # the rest of epoch 2, then epoch 3
+
+
+def test_sigterm_to_torchrun_stops_its_processes_with_a_checkpoint(tmp_path):
+    """Kubernetes signals the container's first process: SIGTERM to the launcher of
+    dist_train.sh (torchrun, 2 processes, a worker each) while it trains saves the iteration
+    the processes were at, names it in last_checkpoint, and exits with 75; no process is
+    left."""
+    config = toy_training.write_config(tmp_path / 'long.py', extra=(
+        'train_cfg = dict(by_epoch=True, max_epochs=1000)\n'))
+    work = tmp_path / 'work'
+    launcher = subprocess.Popen(
+        ['bash', osp.join(ROOT, 'tools', 'dist_train.sh'), str(config), '2', '--work-dir',
+         str(work)], cwd=tmp_path, env=dict(ENV, PORT=free_port()),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not (work / 'epoch_2.pth').exists():
+        assert launcher.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    children = psutil.Process(launcher.pid).children(recursive=True)
+    launcher.send_signal(signal.SIGTERM)  # the launcher execs torchrun's agent
+    assert launcher.wait(timeout=60) == PREEMPTED_EXIT_CODE, launcher.stderr.read()[-3000:]
+    saved = (work / 'last_checkpoint').read_text()
+    iteration = torch.load(saved)['meta']['iter']
+    assert saved == str(work / f'iter_{iteration}.pth') and iteration > 6
+    assert len(children) >= 4  # 2 processes, a worker each
+    assert not [child for child in children if child.is_running()
+                and child.status() != psutil.STATUS_ZOMBIE]
 
 
 def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path):
