@@ -1,9 +1,10 @@
 """Cluster life on a toy training (tests/toy_training.py, a second a run): a preemption
 signal saves the iteration and exits with 75, and the resume ends with the weights of an
 uninterrupted run, with one process or two (killed with -9 or signalled on one rank);
-SIGTERM to torchrun stops its processes with a checkpoint; a fake Slurm requeues and resumes; resumes with another layout continue at the right sample
-or stop with one message; a failed save, a busy work dir and orphaned workers. The same on
-the demo configs, end to end, is in test_preemption_demos.py (marker ``cluster``)."""
+SIGTERM to torchrun stops its processes with a checkpoint; a fake Slurm requeues and
+resumes; resumes with another layout continue at the right sample or stop with one message;
+a failed save, a busy work dir and orphaned workers. The same on the demo configs, end to
+end, is in test_preemption_demos.py (marker ``cluster``)."""
 import itertools
 import os
 import os.path as osp
