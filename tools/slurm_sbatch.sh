@@ -26,7 +26,8 @@ shift 2
 # folder the job was submitted from.
 root=${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 if [ ! -f "$root/tools/train.py" ]; then
-  echo "slurm_sbatch: $root/tools/train.py not found: submit the job from the repository's root folder" >&2
+  echo "slurm_sbatch: $root/tools/train.py not found:" \
+    "submit the job from the repository's root folder" >&2
   exit 2
 fi
 cd "$root"
@@ -37,7 +38,8 @@ else python=python; fi
 resume=()
 if [ -f "$work_dir/last_checkpoint" ]; then
   resume=(--resume)
-  echo "slurm_sbatch: requeued ${SLURM_RESTART_COUNT:-0} times so far; resuming from $(cat "$work_dir/last_checkpoint")"
+  echo "slurm_sbatch: requeued ${SLURM_RESTART_COUNT:-0} times so far;" \
+    "resuming from $(cat "$work_dir/last_checkpoint")"
 fi
 srun --kill-on-bad-exit=1 "$python" -u tools/train.py "$config" --work-dir "$work_dir" \
   "${resume[@]}" "$@" --launcher slurm &
@@ -54,6 +56,7 @@ done
 
 if [ "$status" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "slurm_sbatch: training stopped for a signal and saved; requeueing job $SLURM_JOB_ID"
-  scontrol requeue "$SLURM_JOB_ID" || echo "slurm_sbatch: scontrol requeue failed (Slurm may requeue it itself)" >&2
+  scontrol requeue "$SLURM_JOB_ID" \
+    || echo "slurm_sbatch: scontrol requeue failed (Slurm may requeue it itself)" >&2
 fi
 exit "$status"
