@@ -313,6 +313,26 @@ def test_a_huge_image_runs_at_the_model_size_and_answers_in_its_pixels(
         assert sum(prediction['pixels'].values()) == 960 * 960
 
 
+def test_masks_of_a_shrunk_image_are_encoded_at_the_input_size():
+    """Mask R-CNN's masks of a shrunk image, in COCO RLE at the input's size: the masks
+    enlarged by nearest pixel (as OpenCV enlarges them), boxes scaled."""
+    import types
+    import cv2
+    import pycocotools.mask as mask_util
+    masks = np.zeros((3, 37, 53), bool)
+    masks[0, 5:20, 10:30] = True
+    masks[1] = np.random.default_rng(0).random((37, 53)) > 0.7  # masks[2] stays empty
+    sample = types.SimpleNamespace(ori_shape=(37, 53), pred_instances=types.SimpleNamespace(
+        masks=torch.from_numpy(masks)))
+    prediction = dict(bboxes=[[5.3, 3.7, 53.0, 37.0]] * 3, masks=[None] * 3)
+    infer.in_input_pixels(prediction, sample, (400, 300))
+    np.testing.assert_allclose(prediction['bboxes'][0], [40, 30, 400, 300])
+    for mask, encoded in zip(masks, prediction['masks']):
+        expected = cv2.resize(mask.astype(np.uint8), (400, 300), interpolation=cv2.INTER_NEAREST)
+        found = mask_util.decode(dict(size=encoded['size'], counts=encoded['counts'].encode()))
+        np.testing.assert_array_equal(found, expected)
+
+
 def test_bad_input_prints_one_line_without_traceback(workspace, tmp_path):
     root, detector, _ = workspace
     result = subprocess.run(

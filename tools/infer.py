@@ -265,20 +265,31 @@ def to_json(inferencer, sample, size: Optional[Tuple[int, int]] = None) -> dict:
 
 def in_input_pixels(prediction: dict, sample, size: Tuple[int, int]) -> None:
     """Scale the boxes of ``prediction`` (made for the shrunk image of ``sample``) to the
-    input's ``size`` and encode its masks at that size, one at a time."""
-    import cv2
+    input's ``size`` and encode its masks at that size: each mask's nonzero part is enlarged
+    (nearest pixel) into one full-size buffer, encoded, and cleared again."""
     import pycocotools.mask as mask_util
     height, width = sample.ori_shape[:2]
     scale = np.array([size[0] / width, size[1] / height] * 2)
     prediction['bboxes'] = (np.asarray(prediction['bboxes']).reshape(-1, 4)
                             * scale).tolist()
-    if 'masks' in prediction:
-        masks = []
-        for mask in sample.pred_instances.masks.cpu().numpy():
-            big = cv2.resize(mask.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST)
-            encoded = mask_util.encode(np.asfortranarray(big))
-            masks.append(dict(size=encoded['size'], counts=encoded['counts'].decode()))
-        prediction['masks'] = masks
+    if 'masks' not in prediction:
+        return
+    rows = np.minimum((np.arange(size[1]) * (height / size[1])).astype(np.int64), height - 1)
+    cols = np.minimum((np.arange(size[0]) * (width / size[0])).astype(np.int64), width - 1)
+    full = np.zeros((size[1], size[0]), np.uint8, order='F')
+    masks = []
+    for mask in sample.pred_instances.masks.cpu().numpy():
+        ys, xs = np.nonzero(mask.any(1))[0], np.nonzero(mask.any(0))[0]
+        region = None
+        if ys.size:
+            region = (slice(np.searchsorted(rows, ys[0]), np.searchsorted(rows, ys[-1], 'right')),
+                      slice(np.searchsorted(cols, xs[0]), np.searchsorted(cols, xs[-1], 'right')))
+            full[region] = mask[np.ix_(rows[region[0]], cols[region[1]])]
+        encoded = mask_util.encode(full)
+        masks.append(dict(size=encoded['size'], counts=encoded['counts'].decode()))
+        if region is not None:
+            full[region] = 0
+    prediction['masks'] = masks
 
 
 def label_map(sample, size: Optional[Tuple[int, int]] = None) -> np.ndarray:
