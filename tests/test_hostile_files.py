@@ -251,7 +251,8 @@ def test_converter_restores_state_only_into_what_it_creates(tmp_path):
 # --------------------------------------------------------------------------------------------
 def test_tools_refuse_an_object_array_in_meta_with_one_line(tmp_path):
     """The files that ended tools/train.py --resume and tools/infer.py with a segmentation
-    fault: an object array from raw bytes as meta.seed and as the classes."""
+    fault: an object array from raw bytes as meta.seed and as the classes; tools/test.py
+    too."""
     from mmconvmlp.datasets import write_shapes_dataset
     write_shapes_dataset(str(tmp_path / 'data' / 'shapes'), num_train=2, num_val=1,
                          image_size=64, seed=0)
@@ -264,6 +265,9 @@ def test_tools_refuse_an_object_array_in_meta_with_one_line(tmp_path):
     for command in (['train.py', RETINANET, '--resume', str(path), '--work-dir',
                      str(tmp_path / 'work'), '--cfg-options', 'train_dataloader.num_workers=0',
                      'train_dataloader.persistent_workers=False'],
+                    ['test.py', RETINANET, str(path), '--work-dir', str(tmp_path / 'test'),
+                     '--cfg-options', 'test_dataloader.num_workers=0',
+                     'test_dataloader.persistent_workers=False'],
                     ['infer.py', RETINANET, str(path), str(image), '--out-dir',
                      str(tmp_path / 'out')]):
         result = subprocess.run([sys.executable, osp.join(ROOT, 'tools', command[0]),
