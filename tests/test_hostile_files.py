@@ -90,6 +90,28 @@ HOSTILE = {
     'HistoryBuffer logs that are no numbers': history_buffer(_log_history='AAAA'),
 }
 
+def fragment(obj) -> bytes:
+    """``obj``'s protocol-2 pickle without its PROTO and STOP, to splice into another."""
+    return pickle.dumps(obj, protocol=2)[2:-1]
+
+
+def meta_seed(value_ops: bytes) -> bytes:
+    """A pickle of ``{'meta': {'seed': VALUE}}`` whose VALUE is built by ``value_ops``."""
+    return (b'\x80\x02}X\x04\x00\x00\x00meta}X\x04\x00\x00\x00seed' + value_ops
+            + pickle.SETITEM + pickle.SETITEM + pickle.STOP)
+
+
+#: Crafted pickles no pickler writes: an array whose state is restored twice (the second
+#: time into memory numpy already handed out), a HistoryBuffer created with arguments.
+RAW_HOSTILE = {
+    'array state restored twice': meta_seed(
+        fragment(np.zeros(1)) + fragment((1, (4,), np.dtype('f8'), False, b'A' * 32))
+        + pickle.BUILD),
+    'HistoryBuffer created with arguments': meta_seed(
+        b'cmmengine.logging.history_buffer\nHistoryBuffer\n' + fragment(([1.0], [1]))
+        + pickle.NEWOBJ),
+}
+
 #: Loads each file every way mmengine and torch load checkpoints; prints what each did, a
 #: line per file, before the next (a crash leaves the files loaded so far).
 LOAD_EVERY_WAY = r'''
@@ -130,6 +152,9 @@ def test_crafted_files_are_refused_every_way_without_harm(tmp_path):
         paths[name] = str(tmp_path / f'crafted_{number}.pth')
         torch.save(dict(state_dict={'weight': torch.ones(1, 1)}, meta=dict(seed=value)),
                    paths[name])
+    for number, (name, data_pkl) in enumerate(RAW_HOSTILE.items()):
+        paths[name] = str(tmp_path / f'raw_{number}.pth')
+        raw_checkpoint(paths[name], data_pkl)
     env = dict(os.environ, PYTHONWARNINGS='ignore', OMP_NUM_THREADS='1')
     result = subprocess.run([sys.executable, '-c', LOAD_EVERY_WAY, str(tmp_path / 'work'),
                              *paths.values()], capture_output=True, text=True, timeout=600,
