@@ -59,9 +59,9 @@ def killed_after(config, iteration, folder):
     path = folder / f'killed_{osp.basename(config)}'
     path.write_text(f'_base_ = {config!r}\n'
                     "custom_imports = dict(imports=['mmconvmlp', 'mmconvmlp.engine', "
-                    "'sigkill_hook'], allow_failed_imports=False)\n"
-                    f"custom_hooks = [dict(type='SigkillAfterIteration', "
-                    f"iteration={iteration})]\n")
+                    "'toy_training'], allow_failed_imports=False)\n"
+                    f"custom_hooks = [dict(type='SignalAfterIteration', "
+                    f"iteration={iteration}, signal_name='SIGKILL')]\n")
     return path
 
 

@@ -58,7 +58,7 @@ class SignalAfterIteration(Hook):
     """Sends ``signal_name`` after training iteration ``iteration`` (counted from 1) to the
     processes of ``ranks`` and to their data-loader workers, as Slurm signals every process
     of a job; ``again_while_saving`` sends it once more while the checkpoint is written.
-    ``SIGKILL`` kills at once, as ``kill -9`` does."""
+    ``SIGKILL`` kills the process at once, as ``kill -9`` does."""
 
     priority = 'NORMAL'  # before the preemption hook of the same iteration
 
@@ -70,8 +70,9 @@ class SignalAfterIteration(Hook):
         self.sent = False
 
     def _send(self):
-        for child in psutil.Process().children(recursive=True):
-            os.kill(child.pid, self.signal)
+        if self.signal != signal.SIGKILL:  # (after SIGKILL the workers die with the process)
+            for child in psutil.Process().children(recursive=True):
+                os.kill(child.pid, self.signal)
         os.kill(os.getpid(), self.signal)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
