@@ -69,8 +69,8 @@ class PreemptionHook(Hook):
         try:
             yield
         finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
+            for sig, handler in previous.items():  # None: set outside Python, not restorable
+                signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             self._received = 0
 
     def _on_signal(self, signum, frame) -> None:
