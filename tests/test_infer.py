@@ -70,11 +70,13 @@ def workspace(tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def folder_run(workspace):
-    """tools/infer.py on the folder of detection validation images: its output folder."""
+    """tools/infer.py on the folder of detection validation images, in float32 (the tests
+    that compare it with other tools need one precision whatever the machine): its output
+    folder."""
     root, detector, _ = workspace
     out = root / 'folder_run'
     infer.main([RETINANET, detector, str(root / COCO_VAL), '--out-dir', str(out),
-                '--score-thr', str(SCORE_THR)])
+                '--score-thr', str(SCORE_THR), '--precision', 'float32'])
     return out
 
 
@@ -117,7 +119,7 @@ def test_json_boxes_equal_test_py_out(workspace, folder_run):
     result = subprocess.run(
         [sys.executable, osp.join(ROOT, 'tools', 'test.py'), RETINANET, detector,
          '--out', 'test_out.pkl', '--work-dir', 'test_work_dir',
-         '--precision', 'auto',  # infer.py's default
+         '--precision', 'float32',  # as folder_run: auto's timing probe may choose apart
          '--cfg-options', 'test_dataloader.batch_size=1'],
         cwd=root, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -186,7 +188,7 @@ def test_inferencers_predict_with_our_configs_and_checkpoints(workspace, folder_
     image = str(root / ADE_VAL / sorted(os.listdir(root / ADE_VAL))[0])
     label_map = MMSegInferencer(model=SEM_FPN, weights=segmentor)(image)['predictions']
     assert label_map.shape == (96, 96)
-    infer.main([SEM_FPN, segmentor, image, '--out-dir', str(tmp_path)])
+    infer.main([SEM_FPN, segmentor, image, '--out-dir', str(tmp_path), '--precision', 'float32'])
     stem = osp.splitext(osp.basename(image))[0]
     written = mmcv.imread(str(tmp_path / 'preds' / (stem + '.png')), 'unchanged')
     np.testing.assert_array_equal(written, label_map)

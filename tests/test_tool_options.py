@@ -189,7 +189,7 @@ def test_syncbn_becomes_batchnorm_with_a_warning_in_cpu_processes(tmp_path):
             dist.destroy_process_group()
 
 
-@pytest.mark.parametrize('arch,paper_gmacs,readme_gmacs', [('m', 3.9, 3.94), ('l', 9.9, 9.89)])
+@pytest.mark.parametrize('arch,paper_gmacs,readme_gmacs', [('m', 3.9, 3.95), ('l', 9.9, 9.90)])
 def test_get_flops_for_convmlp_m_and_l(arch, paper_gmacs, readme_gmacs):
     """The ImageNet classifiers at 224x224: the paper's GMACs to its precision, the
     README's to two decimals."""
@@ -200,10 +200,10 @@ def test_get_flops_for_convmlp_m_and_l(arch, paper_gmacs, readme_gmacs):
 
 def test_get_flops_for_a_config():
     """Semantic FPN + ConvMLP-L through the config path (built in the mmseg scope, the
-    segmentor's tensor forward): the README's 73.4 GMACs at 512x512 and 46.33M parameters.
+    segmentor's tensor forward): the README's 73.5 GMACs at 512x512 and 46.33M parameters.
     Counted at 256x256, a quarter of the work: every map is then exactly a quarter."""
     get_flops = runpy.run_path(osp.join(ROOT, 'tools/analysis/get_flops.py'))
     model, scope = get_flops['config_model'](
         osp.join(ROOT, 'configs/segmentation/fpn_convmlp_l_ade20k.py'))
     macs, params = get_flops['count'](model, 256, 256, scope)
-    assert scope == 'mmseg' and round(4 * macs, 1) == 73.4 and round(params, 2) == 46.33
+    assert scope == 'mmseg' and round(4 * macs, 1) == 73.5 and round(params, 2) == 46.33

@@ -76,7 +76,11 @@ def main(argv=None) -> dict:
         if args.show_dir and scope == 'mmdet':
             hook.test_out_dir = args.show_dir
         elif args.show_dir:
+            # The visualizer is a named instance per process: a run in a process that made
+            # one before (an Inferencer, an earlier main()) would get that one, which saves
+            # elsewhere, unless the name goes with the folder.
             cfg.visualizer.save_dir = args.show_dir
+            cfg.visualizer.name = f'show_dir:{osp.abspath(args.show_dir)}'
     if args.tta:
         if 'tta_model' not in cfg or 'tta_pipeline' not in cfg:
             sys.exit(f'--tta: {args.config} defines no tta_model and tta_pipeline.')
