@@ -96,6 +96,31 @@ def test_a_signal_saves_the_iteration_and_the_resume_ends_as_uninterrupted(
     assert_same_weights(tmp_path / 'whole' / last, tmp_path / 'run' / last)
 
 
+def test_a_signal_after_an_epochs_last_iteration_saves_the_epoch(tmp_path):
+    """The signal comes after iteration 9 (mid epoch 2), then, in the resumed epoch, after
+    iteration 12, its last, with a checkpoint every 3 epochs: the epoch's end runs and
+    epoch_2.pth is saved, so the next resume trains epoch 3 alone (not epoch 2 again) and
+    ends with the uninterrupted run's weights."""
+    every_3 = "default_hooks['checkpoint'] = dict(type='CheckpointHook', interval=3)\n"
+    whole = toy_training.write_config(tmp_path / 'whole.py', extra=every_3)
+    at_9, at_12 = (toy_training.write_config(tmp_path / f'at_{n}.py',
+                                             extra=every_3 + signal_hook(n))
+                   for n in (9, 12))
+    train(whole, tmp_path / 'whole')
+    train(at_9, tmp_path / 'run', expect_rc=PREEMPTED_EXIT_CODE)
+    train(at_12, tmp_path / 'run', '--resume', expect_rc=PREEMPTED_EXIT_CODE)
+    saved = tmp_path / 'run' / 'epoch_2.pth'
+    assert (tmp_path / 'run' / 'last_checkpoint').read_text() == str(saved)
+    assert torch.load(saved)['meta']['epoch'] == 2 and torch.load(saved)['meta']['iter'] == 12
+    log = train_log(tmp_path / 'run')
+    assert log.count('Epoch(train)') == 3
+    assert (f'SIGTERM received: saved {saved} (end of epoch 2, iteration 12) and stopping '
+            'with exit code 75') in log
+    train(whole, tmp_path / 'run', '--resume')
+    assert train_log(tmp_path / 'run').count('Epoch(train)') == 6
+    assert_same_weights(tmp_path / 'whole' / 'epoch_3.pth', tmp_path / 'run' / 'epoch_3.pth')
+
+
 def test_two_processes_resume_as_uninterrupted_after_kill_or_signal(tmp_path):
     """Two gloo processes (dist_train.sh), no workers: every sample draws from its
     process's generators. Rank 1 killed with -9 in epoch 2 and resumed from epoch_1.pth;

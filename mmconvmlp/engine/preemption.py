@@ -12,7 +12,10 @@ signal came:
 * every process learns whether any process got one (an all-reduce of the signal number
   each iteration), so that all stop after the same iteration;
 * rank 0 saves ``iter_N.pth`` of that iteration the usual whole-or-nothing way
-  (:mod:`.atomic_save`) and names it in ``last_checkpoint``; all processes wait for it;
+  (:mod:`.atomic_save`) and names it in ``last_checkpoint``; all processes wait for it.
+  After the last iteration of an epoch, the epoch's end runs first (the schedulers' step,
+  the checkpoint hook) and ``epoch_N.pth`` is saved instead, so that the resume starts the
+  next epoch; a validation due after that epoch is left out, and the log line says so;
 * one log line says why, and every process exits with :data:`PREEMPTED_EXIT_CODE`.
 
 ``--resume`` continues from that iteration (:mod:`.resume_state`). Another signal during
@@ -32,6 +35,7 @@ from mmengine.logging import print_log
 from mmengine.runner import IterBasedTrainLoop
 
 from .atomic_save import write_text
+from .resume_state import ResumeStateHook
 from .worker_lifetime import PREEMPTION_SIGNALS
 
 #: The exit status of a training stopped by a preemption signal after saving its
@@ -54,6 +58,7 @@ class PreemptionHook(Hook):
 
     def __init__(self):
         self._received = 0  # the first signal received while training, 0 before one
+        self._at_epoch_end = 0  # a signal agreed on after an epoch's last iteration
 
     @contextlib.contextmanager
     def catching_signals(self):
@@ -71,7 +76,7 @@ class PreemptionHook(Hook):
         finally:
             for sig, handler in previous.items():  # None: set outside Python, not restorable
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-            self._received = 0
+            self._received = self._at_epoch_end = 0
 
     def _on_signal(self, signum, frame) -> None:
         self._received = self._received or signum
@@ -89,27 +94,52 @@ class PreemptionHook(Hook):
         if not signum:
             return
         iteration = runner.iter + 1
-        path = self._save(runner, iteration)
+        if not isinstance(runner.train_loop, IterBasedTrainLoop):
+            if self._ends_epoch(runner, batch_idx):
+                self._at_epoch_end = signum  # acted on in after_train_epoch
+                return
+            at = f'epoch {runner.epoch + 1}, iteration {iteration}'
+        else:
+            at = f'iteration {iteration}'
+        self._stop(runner, signum, f'iter_{iteration}.pth', False, at)
+
+    def _ends_epoch(self, runner, batch_idx: int) -> bool:
+        """Whether the iteration just trained is its epoch's last (a resumed epoch's batch
+        numbers start at 0, so they alone cannot tell)."""
+        hook = next((h for h in runner.hooks if isinstance(h, ResumeStateHook)), None)
+        ended = None if hook is None else hook.ends_pass(runner, runner.iter + 1)
+        return self.end_of_epoch(runner.train_dataloader, batch_idx) if ended is None else ended
+
+    def after_train_epoch(self, runner) -> None:
+        signum, self._at_epoch_end = self._at_epoch_end, 0
+        if not signum:
+            return
+        epoch, loop = runner.epoch + 1, runner.train_loop
+        at = f'end of epoch {epoch}, iteration {runner.iter}'
+        if runner.val_loop is not None and epoch >= loop.val_begin and (
+                epoch % loop.val_interval == 0 or epoch == loop.max_epochs):
+            at += f'; the validation after epoch {epoch} is left out'
+        self._stop(runner, signum, f'epoch_{epoch}.pth', True, at)
+
+    def _stop(self, runner, signum: int, filename: str, by_epoch: bool, at: str) -> None:
+        path = self._save(runner, filename, by_epoch)
         barrier()
-        at = f'iteration {iteration}' if isinstance(runner.train_loop, IterBasedTrainLoop) \
-            else f'epoch {runner.epoch + 1}, iteration {iteration}'
         print_log(f'{signal.Signals(signum).name} received: saved {path} ({at}) and stopping '
                   f'with exit code {PREEMPTED_EXIT_CODE}; train with --resume to continue '
                   'from it.', logger='current', level=logging.WARNING)
         raise TrainingPreempted()
 
     @staticmethod
-    def _save(runner, iteration: int) -> str:
-        """Save ``iter_{iteration}.pth`` where the checkpoint hook saves (unless it just
-        did) and name it in ``last_checkpoint``; returns its path."""
+    def _save(runner, filename: str, by_epoch: bool) -> str:
+        """Save ``filename`` where the checkpoint hook saves (unless it just did) and name
+        it in ``last_checkpoint``; returns its path."""
         hook = next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
         out_dir = getattr(hook, 'out_dir', None) or runner.work_dir
         options = dict(file_client_args=getattr(hook, 'file_client_args', None),
                        backend_args=getattr(hook, 'backend_args', None))
-        filename = f'iter_{iteration}.pth'
         path = osp.join(out_dir, filename)
         if runner.message_hub.get_info('last_ckpt') != path:
-            runner.save_checkpoint(out_dir, filename, by_epoch=False, **options)
+            runner.save_checkpoint(out_dir, filename, by_epoch=by_epoch, **options)
             runner.message_hub.update_info('last_ckpt', path)
             if is_main_process():
                 write_text(osp.join(runner.work_dir, 'last_checkpoint'), path)

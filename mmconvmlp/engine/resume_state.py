@@ -156,6 +156,14 @@ class ResumeStateHook(Hook):
             return dict(epoch=self._pass + 1, samples=0)
         return dict(epoch=self._pass, samples=batches * samples_per_iter)
 
+    def ends_pass(self, runner, iteration: int) -> Optional[bool]:
+        """Whether ``iteration`` iterations end the pass over the training set being trained
+        (a resumed pass included); None where the loader is not resumable."""
+        loader = self._train_loader(runner)
+        if loader is None:
+            return None
+        return iteration - self._pass_start_iter >= len(loader)
+
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
         self._loaded = (checkpoint.get(KEY), checkpoint.get('meta', {}),
                         getattr(runner, '_load_from', None))
