@@ -9,7 +9,9 @@ For each case the script prints, measured in the same run:
   that mmengine's ``FlopAnalyzer`` counts for the backbone; a training step counts as 3
   forward passes) and that as a fraction of the peak;
 * the speed-up over the authors' layout (with the quartiles of the speed-ups of runs paired
-  in turn, so drift on a shared machine shows as a range) and how far the outputs differ.
+  in turn, so drift on a shared machine shows as a range) and how far the outputs differ;
+* the project's goal for the case (:data:`GOALS`: inference at 90% of the float32 peak and
+  85% of the bfloat16 one, a training step at 85% and 80%) and whether each model meets it.
 
 The models, all holding the same weights: ``authors' layout`` (``mmconvmlp.testing``: a
 plain implementation with channels-first convolutions and a permute around every depthwise
@@ -63,6 +65,10 @@ from mmconvmlp.models.cpu_speed import weight_grads
 from mmconvmlp.testing import ReferenceConvMLP
 
 DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+#: The project's goals, as a fraction of the practical peak in the same precision:
+#: (case, dtype) -> percent. Rows of a case compare each model with its goal.
+GOALS = {('inference', 'float32'): 90, ('train step', 'float32'): 85,
+         ('inference', 'bfloat16'): 85, ('train step', 'bfloat16'): 80}
 
 
 def parse_args() -> argparse.Namespace:
@@ -262,9 +268,10 @@ def relative_difference(outs, refs) -> float:
 def case_rows(case: str, x: torch.Tensor, labels: List[str], fns: List[Callable[[], object]],
               flop: float, peak: float, args, device, clock,
               diffs: Optional[List[str]] = None, profiles: Optional[List[str]] = None,
-              bandwidth: float = 0.) -> List[Tuple[str, ...]]:
+              bandwidth: float = 0., goal: Optional[int] = None) -> List[Tuple[str, ...]]:
     """One row per model of a case: the first model (the authors' layout) is the
-    yardstick of the speed-ups. With ``profiles``, a line per model is added to it."""
+    yardstick of the speed-ups; ``goal`` the percent of the peak each row is held to. With
+    ``profiles``, a line per model is added to it."""
     times = time_interleaved(fns, args.repeats, device, clock=clock)
     shape = 'x'.join(map(str, x.shape))
     if profiles is not None:
@@ -280,8 +287,11 @@ def case_rows(case: str, x: torch.Tensor, labels: List[str], fns: List[Callable[
             low, _, high = statistics.quantiles(ratios, n=4)
             spread = f' ({low:.2f}-{high:.2f})'
         speed_up = f'{statistics.median(times[0]) / median:.2f}x{spread}' if n else '1'
+        percent = 100 * rate / peak
+        verdict = '-' if goal is None else \
+            f'{goal}%: {"met" if round(percent) >= goal else "below"}'
         rows.append((case if n == 0 else '', shape if n == 0 else '', label,
-                     f'{median * 1e3:.0f}', f'{rate:.0f}', f'{100 * rate / peak:.0f}%',
+                     f'{median * 1e3:.0f}', f'{rate:.0f}', f'{percent:.0f}%', verdict,
                      speed_up, diffs[n] if diffs else '-'))
     return rows
 
@@ -314,8 +324,8 @@ def first_call_seconds(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def print_table(rows: List[Tuple[str, ...]]) -> None:
-    header = ('case', 'input', 'model', 'ms', 'GFLOP/s', 'of peak', 'speed-up (quartiles)',
-              'max rel. diff')
+    header = ('case', 'input', 'model', 'ms', 'GFLOP/s', 'of peak', 'goal',
+              'speed-up (quartiles)', 'max rel. diff')
     lines = [header] + rows
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     for n, line in enumerate(lines):
@@ -362,7 +372,8 @@ def main() -> None:
                 diffs = [''] + [f'{relative_difference(o, outs[0]):.1e}' for o in outs[1:]]
                 rows += case_rows('inference', x, labels,
                                   [lambda m=m: m(x) for m in models], flop, peak, args,
-                                  device, clock, diffs, **extra)
+                                  device, clock, diffs, **extra,
+                                  goal=GOALS['inference', args.dtype])
     cases = [('train step', False)] + [('  with norm_eval', True)] * args.norm_eval
     for shape in args.train_input:
         x = torch.randn(shape, device=device)
@@ -371,7 +382,7 @@ def main() -> None:
             set_mode(models, training=True, norm_eval=norm_eval)
             fns = [train_step(model, x, precision) for model in models]
             rows += case_rows(case, x, labels, fns, flop, peak, args, device, clock,
-                              **extra)
+                              **extra, goal=GOALS['train step', args.dtype])
         if args.bounds:
             set_mode(models, training=True, norm_eval=False)
             bound_labels, bound_fns = [labels[0]], [train_step(reference, x, precision)]
