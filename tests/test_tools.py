@@ -402,3 +402,32 @@ def test_constraints_pin_the_installed_stack():
                     for line in f if line.strip() and not line.startswith('#')]
     assert set(required) <= set(pins), set(required) - set(pins)
     assert {'torch', 'torchvision', 'mmcv', 'setuptools'} <= set(pins)
+
+
+def test_analyze_logs_of_mmdet_and_mmseg_plot_a_runs_log(tmp_path):
+    """mmdet's and mmseg's analyze_logs.py (which import seaborn and pandas, installed by the
+    set-up) plot the loss and the validation metric of a log as training writes it
+    (vis_data/scalars.json: a line per logged iteration, one per validation)."""
+    log = tmp_path / 'scalars.json'
+    lines = []
+    for epoch in (1, 2):
+        for n in (1, 2, 3, 4):
+            step = 8 * (epoch - 1) + 2 * n
+            lines.append(dict(lr=1e-4, loss=1.5 / step, time=0.3, epoch=epoch, iter=step,
+                              step=step))
+        lines.append({'coco/bbox_mAP': 0.1 * epoch, 'mIoU': 10.0 * epoch, 'step': epoch})
+    log.write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    tools = 'analysis_tools/analyze_logs.py'
+    env = dict(os.environ, MPLBACKEND='Agg', PYTHONWARNINGS='ignore')
+    outputs = []
+    for args in (wheel_tool('mmdet', tools, 'plot_curve', log, '--keys', 'loss', 'bbox_mAP',
+                            '--out', tmp_path / 'det.png'),
+                 wheel_tool('mmdet', tools, 'cal_train_time', log),
+                 wheel_tool('mmseg', tools, log, '--keys', 'loss', 'mIoU',
+                            '--out', tmp_path / 'seg.png')):
+        result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                                timeout=TIMEOUT)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outputs.append(result.stdout)
+    assert (tmp_path / 'det.png').stat().st_size and (tmp_path / 'seg.png').stat().st_size
+    assert 'average iter time: 0.3000 s/iter' in outputs[1]
