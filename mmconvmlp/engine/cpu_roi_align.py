@@ -1,10 +1,10 @@
 """mmcv's RoIAlign through torchvision's kernel on the CPU.
 
-mmcv's CPU RoIAlign runs on one thread and sets the time of Mask R-CNN's inference on a CPU.
-torchvision's ``roi_align``, which mmcv's own ``RoIAlign(use_torchvision=True)`` calls, computes
-the same bilinear average for average pooling with ``aligned=True`` (mmdet's setting, any
-``sampling_ratio``, 0 included: as many samples as the bin spans), faster and on every thread.
-CUDA models keep mmcv's kernels.
+mmcv's CPU RoIAlign is a large part of Mask R-CNN's inference on a CPU. torchvision's
+``roi_align``, which mmcv's own ``RoIAlign(use_torchvision=True)`` calls, computes the same
+bilinear average for average pooling with ``aligned=True`` (mmdet's setting, any
+``sampling_ratio``, 0 included: as many samples as the bin spans), faster (measurements in
+the README's inference-precision section). CUDA models keep mmcv's kernels.
 """
 import torch
 
