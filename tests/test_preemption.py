@@ -34,10 +34,11 @@ ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, TESTS]), OMP_NUM_THREAD
            PYTHON=sys.executable)
 
 
-def signal_hook(iteration, signal_name='SIGTERM', ranks=(0,), again_while_saving=False):
+def signal_hook(iteration, signal_name='SIGTERM', ranks=(0,), again_while_saving=False,
+                parent=False):
     return (f"custom_hooks = [dict(type='SignalAfterIteration', iteration={iteration}, "
             f"signal_name={signal_name!r}, ranks={tuple(ranks)!r}, "
-            f"again_while_saving={again_while_saving})]\n")
+            f"again_while_saving={again_while_saving}, parent={parent})]\n")
 
 
 def train(config, work_dir, *args, processes=1, expect_rc=0):
@@ -184,10 +185,13 @@ def test_sigterm_to_torchrun_stops_its_processes_with_a_checkpoint(tmp_path):
                 and child.status() != psutil.STATUS_ZOMBIE]
 
 
-def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path):
+@pytest.mark.parametrize('signal_name', ['SIGUSR1', 'SIGTERM'])
+def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path, signal_name):
     """tools/slurm_sbatch.sh under a fake srun and scontrol: SIGUSR1 (sent, as Slurm's
-    --signal does, to the training process and its worker) saves the iteration; the script
-    requeues the job; started again as a requeued job, it resumes and finishes."""
+    --signal does, to the training process and its worker) or SIGTERM (sent, as preemption
+    does, to the batch shell too, whose trap waits for the training) saves the iteration;
+    the script requeues the job; started again as a requeued job, it resumes and
+    finishes."""
     fake = tmp_path / 'bin'
     fake.mkdir()
     (fake / 'srun').write_text(
@@ -198,13 +202,15 @@ def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path):
     (fake / 'scontrol').write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol\n')
     for script in fake.iterdir():
         script.chmod(0o755)
-    config = toy_training.write_config(tmp_path / 'job.py',
-                                       extra=signal_hook(9, 'SIGUSR1'))
+    config = toy_training.write_config(
+        tmp_path / 'job.py', extra=signal_hook(9, signal_name, parent=signal_name == 'SIGTERM'))
     env = dict(ENV, PATH=f'{fake}{os.pathsep}{os.environ["PATH"]}', SLURM_JOB_ID='4242',
                SLURM_SUBMIT_DIR=ROOT, MASTER_PORT=free_port())
     cmd = ['bash', osp.join(ROOT, 'tools', 'slurm_sbatch.sh'), str(config),
            str(tmp_path / 'work')]
-    run(cmd, tmp_path, env, expect_rc=PREEMPTED_EXIT_CODE)
+    result = run(cmd, tmp_path, env, expect_rc=PREEMPTED_EXIT_CODE)
+    trapped = 'slurm_sbatch: SIGTERM: waiting for the training to save its checkpoint'
+    assert (trapped in result.stdout) == (signal_name == 'SIGTERM')
     assert (tmp_path / 'scontrol').read_text() == 'requeue 4242\n'
     assert (tmp_path / 'work' / 'last_checkpoint').read_text().endswith('iter_9.pth')
 

@@ -57,22 +57,27 @@ class NoisyToyDataset(BaseDataset):
 class SignalAfterIteration(Hook):
     """Sends ``signal_name`` after training iteration ``iteration`` (counted from 1) to the
     processes of ``ranks`` and to their data-loader workers, as Slurm signals every process
-    of a job; ``again_while_saving`` sends it once more while the checkpoint is written.
-    ``SIGKILL`` kills the process at once, as ``kill -9`` does."""
+    of a job; ``again_while_saving`` sends it once more while the checkpoint is written;
+    ``parent`` sends it to the parent process too (a Slurm batch shell that preemption
+    signals as well). ``SIGKILL`` kills the process at once, as ``kill -9`` does."""
 
     priority = 'NORMAL'  # before the preemption hook of the same iteration
 
-    def __init__(self, iteration, signal_name='SIGTERM', ranks=(0,), again_while_saving=False):
+    def __init__(self, iteration, signal_name='SIGTERM', ranks=(0,), again_while_saving=False,
+                 parent=False):
         self.iteration = iteration
         self.signal = getattr(signal, signal_name)
         self.ranks = ranks
         self.again_while_saving = again_while_saving
+        self.parent = parent
         self.sent = False
 
     def _send(self):
         if self.signal != signal.SIGKILL:  # (after SIGKILL the workers die with the process)
             for child in psutil.Process().children(recursive=True):
                 os.kill(child.pid, self.signal)
+        if self.parent:
+            os.kill(os.getppid(), self.signal)
         os.kill(os.getpid(), self.signal)
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):

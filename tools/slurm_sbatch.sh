@@ -42,17 +42,18 @@ if [ -f "$work_dir/last_checkpoint" ]; then
     "resuming from $(cat "$work_dir/last_checkpoint")"
 fi
 srun --kill-on-bad-exit=1 "$python" -u tools/train.py "$config" --work-dir "$work_dir" \
-  "${resume[@]}" "$@" --launcher slurm &
+  ${resume[@]+"${resume[@]}"} "$@" --launcher slurm &
 step=$!
 # SIGTERM reaches this shell too when Slurm preempts the job: wait for the training to save.
 # SIGUSR1 reaches it only with --signal=B:USR1@...: srun passes it on to the tasks.
 trap 'echo "slurm_sbatch: SIGTERM: waiting for the training to save its checkpoint"' TERM
 trap 'kill -USR1 "$step"' USR1
-while true; do
-  wait "$step"
-  status=$?
-  kill -0 "$step" 2>/dev/null || break  # else wait was cut short by the trap
+while kill -0 "$step" 2>/dev/null; do
+  wait "$step"  # returns early when a trap runs
 done
+# The training's own exit status (bash keeps it), not that of a wait a trap cut short.
+wait "$step"
+status=$?
 
 if [ "$status" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "slurm_sbatch: training stopped for a signal and saved; requeueing job $SLURM_JOB_ID"
