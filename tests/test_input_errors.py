@@ -90,6 +90,39 @@ def test_a_silent_checkpoint_url_times_out_and_leaves_no_file(silent_server, tmp
     assert [p for p in (tmp_path / 'torch').rglob('*') if p.is_file()] == []
 
 
+@pytest.mark.parametrize('scheme', ['torchvision://resnet50', 'open-mmlab://resnet50_v1c',
+                                    'openmmlab://old_name', 'mmcls://resnet50'])
+def test_a_model_zoo_checkpoint_downloads_with_the_timeout_too(silent_server, tmp_path,
+                                                               monkeypatch, scheme):
+    """A model zoo's name (the stock configs' ResNet weights) resolves to its URL, which is
+    downloaded with the timeout as an http(s) one is."""
+    from mmengine.runner import CheckpointLoader
+    from mmengine.runner import checkpoint as zoo
+    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
+    monkeypatch.setenv('MMCONVMLP_DOWNLOAD_TIMEOUT', '0.5')
+    for proxy in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy',
+                  'ALL_PROXY'):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(zoo, 'get_torchvision_models', lambda: {'resnet50': silent_server})
+    monkeypatch.setattr(zoo, 'get_external_models', lambda: {'resnet50_v1c': silent_server})
+    monkeypatch.setattr(zoo, 'get_deprecated_model_names', lambda: {'old_name': 'resnet50_v1c'})
+    monkeypatch.setattr(zoo, 'get_mmcls_models', lambda: {'resnet50': silent_server})
+    raised = []
+
+    def load():  # in a thread, so that a download without the timeout fails the test
+        try:
+            CheckpointLoader.load_checkpoint(scheme)
+        except Exception as error:  # noqa: BLE001 (checked below)
+            raised.append(error)
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(60)
+    assert not thread.is_alive(), f'{scheme}: the download hangs'
+    (error,) = raised
+    assert isinstance(error, CheckpointDownloadError), error
+    assert str(error).startswith(f'{silent_server}: the server sent nothing for 0.5 s')
+
+
 def train_with(shapes, *options):
     train_tool = load_script('tools/train.py')
     train_tool.main([RETINANET, '--work-dir', str(shapes / 'work'), '--cfg-options', *SMALL,

@@ -1,7 +1,9 @@
 """Checkpoint downloads that give up on a silent server, each with its own timeout.
 
 mmengine downloads ``http(s)://`` checkpoints (``init_cfg``, ``load_from``, test.py's
-checkpoint) through torch.hub, which opens the URL without a timeout: a server that accepts
+checkpoint), and those its model zoos name (``torchvision://``, ``open-mmlab://``,
+``mmcls://``: :func:`model_zoo_url`), through torch.hub, which opens the URL without a
+timeout: a server that accepts
 the connection and never answers hangs the run for ever. :func:`cache_url` downloads such a
 file into torch.hub's cache first (where mmengine's loader then finds it), opening the URL
 with a timeout of ``MMCONVMLP_DOWNLOAD_TIMEOUT`` seconds between two answers of the server
@@ -18,6 +20,7 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from typing import Optional
 from urllib.parse import urlparse
 
 from .readable_errors import ReadableError
@@ -50,6 +53,26 @@ def download_timeout() -> float:
             f'server as a positive number (e.g. {VARIABLE}=120), or unset it for '
             f'{DEFAULT_TIMEOUT_S:g} s.')
     return seconds
+
+
+def model_zoo_url(filename: str) -> Optional[str]:
+    """The URL mmengine downloads ``filename`` from: itself for ``http(s)://``, the model
+    zoo's entry for ``torchvision://`` / ``modelzoo://``, ``open-mmlab://`` /
+    ``openmmlab://`` (deprecated names followed) and ``mmcls://``; None for anything else
+    (a local file, a zoo entry that is a local path or missing, which mmengine reports)."""
+    if filename.startswith(('http://', 'https://')):
+        return filename
+    from mmengine.runner import checkpoint as zoo
+    url = None
+    if filename.startswith(('torchvision://', 'modelzoo://')):
+        url = zoo.get_torchvision_models().get(filename.split('://', 1)[1])
+    elif filename.startswith(('open-mmlab://', 'openmmlab://')):
+        name = filename.split('://', 1)[1]
+        name = zoo.get_deprecated_model_names().get(name, name)
+        url = zoo.get_external_models().get(name)
+    elif filename.startswith('mmcls://'):
+        url = zoo.get_mmcls_models().get(filename.split('://', 1)[1])
+    return url if isinstance(url, str) and url.startswith(('http://', 'https://')) else None
 
 
 def cached_path(url: str) -> str:

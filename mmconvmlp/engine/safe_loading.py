@@ -48,7 +48,7 @@ import torch
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .download_timeout import cache_url
+from .download_timeout import cache_url, model_zoo_url
 from .readable_errors import ReadableError
 
 
@@ -362,12 +362,14 @@ def _in_safe_unpickler(error: Exception) -> bool:
 def readable_load_checkpoint(load_checkpoint):
     """``CheckpointLoader.load_checkpoint`` (the function under its classmethod), raising
     :class:`CheckpointRefusedError` where safe loading refuses the file and
-    :class:`CheckpointUnreadableError` where the file is no sound checkpoint; an
-    ``http(s)://`` file is first downloaded with :func:`.download_timeout.cache_url`."""
+    :class:`CheckpointUnreadableError` where the file is no sound checkpoint; a file mmengine
+    would download (``http(s)://`` or a model zoo's name) is first downloaded with
+    :func:`.download_timeout.cache_url`."""
     def load(cls, filename, map_location=None, logger='current'):
         local = filename
-        if isinstance(filename, str) and filename.startswith(('http://', 'https://')):
-            local = cache_url(filename)  # then mmengine's loader finds it in the cache
+        url = model_zoo_url(filename) if isinstance(filename, str) else None
+        if url is not None:
+            local = cache_url(url)  # then mmengine's loader finds it in the cache
         try:
             return load_checkpoint(cls, filename, map_location, logger)
         except ReadableError:
