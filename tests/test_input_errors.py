@@ -75,13 +75,19 @@ def silent_server():
     server.close()
 
 
-def test_a_silent_checkpoint_url_times_out_and_leaves_no_file(silent_server, tmp_path,
-                                                              monkeypatch):
+@pytest.fixture
+def quick_downloads(tmp_path, monkeypatch):
+    """Downloads into tmp_path/torch, straight to the server (no proxy), given up after
+    0.5 s of silence."""
     monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
     monkeypatch.setenv('MMCONVMLP_DOWNLOAD_TIMEOUT', '0.5')
     for proxy in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy',
                   'ALL_PROXY'):
         monkeypatch.delenv(proxy, raising=False)
+
+
+def test_a_silent_checkpoint_url_times_out_and_leaves_no_file(silent_server, tmp_path,
+                                                              quick_downloads):
     backbone = ConvMLP('s', init_cfg=dict(type='Pretrained', checkpoint=silent_server))
     with pytest.raises(CheckpointDownloadError) as error:
         backbone.init_weights()
@@ -92,17 +98,12 @@ def test_a_silent_checkpoint_url_times_out_and_leaves_no_file(silent_server, tmp
 
 @pytest.mark.parametrize('scheme', ['torchvision://resnet50', 'open-mmlab://resnet50_v1c',
                                     'openmmlab://old_name', 'mmcls://resnet50'])
-def test_a_model_zoo_checkpoint_downloads_with_the_timeout_too(silent_server, tmp_path,
+def test_a_model_zoo_checkpoint_downloads_with_the_timeout_too(silent_server, quick_downloads,
                                                                monkeypatch, scheme):
     """A model zoo's name (the stock configs' ResNet weights) resolves to its URL, which is
     downloaded with the timeout as an http(s) one is."""
     from mmengine.runner import CheckpointLoader
     from mmengine.runner import checkpoint as zoo
-    monkeypatch.setenv('TORCH_HOME', str(tmp_path / 'torch'))
-    monkeypatch.setenv('MMCONVMLP_DOWNLOAD_TIMEOUT', '0.5')
-    for proxy in ('http_proxy', 'HTTP_PROXY', 'https_proxy', 'HTTPS_PROXY', 'all_proxy',
-                  'ALL_PROXY'):
-        monkeypatch.delenv(proxy, raising=False)
     monkeypatch.setattr(zoo, 'get_torchvision_models', lambda: {'resnet50': silent_server})
     monkeypatch.setattr(zoo, 'get_external_models', lambda: {'resnet50_v1c': silent_server})
     monkeypatch.setattr(zoo, 'get_deprecated_model_names', lambda: {'old_name': 'resnet50_v1c'})

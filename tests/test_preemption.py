@@ -112,7 +112,8 @@ def test_a_signal_after_an_epochs_last_iteration_saves_the_epoch(tmp_path):
     train(at_12, tmp_path / 'run', '--resume', expect_rc=PREEMPTED_EXIT_CODE)
     saved = tmp_path / 'run' / 'epoch_2.pth'
     assert (tmp_path / 'run' / 'last_checkpoint').read_text() == str(saved)
-    assert torch.load(saved)['meta']['epoch'] == 2 and torch.load(saved)['meta']['iter'] == 12
+    meta = torch.load(saved)['meta']
+    assert meta['epoch'] == 2 and meta['iter'] == 12
     log = train_log(tmp_path / 'run')
     assert log.count('Epoch(train)') == 3
     assert (f'SIGTERM received: saved {saved} (end of epoch 2, iteration 12) and stopping '

@@ -3,11 +3,11 @@
 mmengine downloads ``http(s)://`` checkpoints (``init_cfg``, ``load_from``, test.py's
 checkpoint), and those its model zoos name (``torchvision://``, ``open-mmlab://``,
 ``mmcls://``: :func:`model_zoo_url`), through torch.hub, which opens the URL without a
-timeout: a server that accepts
-the connection and never answers hangs the run for ever. :func:`cache_url` downloads such a
-file into torch.hub's cache first (where mmengine's loader then finds it), opening the URL
-with a timeout of ``MMCONVMLP_DOWNLOAD_TIMEOUT`` seconds between two answers of the server
-(60 by default): this one request's, not the socket module's default. The file is written
+timeout: a server that accepts the connection and never answers hangs the run for ever.
+:func:`cache_url` downloads such a file into torch.hub's cache first (where mmengine's
+loader then finds it), opening the URL with a timeout of ``MMCONVMLP_DOWNLOAD_TIMEOUT``
+seconds between two answers of the server (60 by default): this one request's, not the
+socket module's default. The file is written
 under a temporary name and renamed once complete, so a failed download leaves nothing in the
 cache. A timeout, an HTTP error or an unreachable server raises
 :class:`CheckpointDownloadError`. mmengine's ``CheckpointLoader`` calls it through
@@ -60,18 +60,18 @@ def model_zoo_url(filename: str) -> Optional[str]:
     zoo's entry for ``torchvision://`` / ``modelzoo://``, ``open-mmlab://`` /
     ``openmmlab://`` (deprecated names followed) and ``mmcls://``; None for anything else
     (a local file, a zoo entry that is a local path or missing, which mmengine reports)."""
-    if filename.startswith(('http://', 'https://')):
+    scheme, _, name = filename.partition('://')
+    if scheme in ('http', 'https'):
         return filename
     from mmengine.runner import checkpoint as zoo
-    url = None
-    if filename.startswith(('torchvision://', 'modelzoo://')):
-        url = zoo.get_torchvision_models().get(filename.split('://', 1)[1])
-    elif filename.startswith(('open-mmlab://', 'openmmlab://')):
-        name = filename.split('://', 1)[1]
-        name = zoo.get_deprecated_model_names().get(name, name)
-        url = zoo.get_external_models().get(name)
-    elif filename.startswith('mmcls://'):
-        url = zoo.get_mmcls_models().get(filename.split('://', 1)[1])
+    if scheme in ('torchvision', 'modelzoo'):
+        url = zoo.get_torchvision_models().get(name)
+    elif scheme in ('open-mmlab', 'openmmlab'):
+        url = zoo.get_external_models().get(zoo.get_deprecated_model_names().get(name, name))
+    elif scheme == 'mmcls':
+        url = zoo.get_mmcls_models().get(name)
+    else:
+        return None
     return url if isinstance(url, str) and url.startswith(('http://', 'https://')) else None
 
 
