@@ -162,8 +162,8 @@ def test_two_processes_resume_as_uninterrupted_after_kill_or_signal(tmp_path):
 def test_sigterm_to_torchrun_stops_its_processes_with_a_checkpoint(tmp_path):
     """Kubernetes signals the container's first process: SIGTERM to the launcher of
     dist_train.sh (torchrun, 2 processes, a worker each) while it trains saves the iteration
-    the processes were at, names it in last_checkpoint, and exits with 75; no process is
-    left."""
+    the processes were at (epoch_N.pth where that ended epoch N), names it in
+    last_checkpoint, and exits with 75; no process is left."""
     config = toy_training.write_config(tmp_path / 'long.py', extra=(
         'train_cfg = dict(by_epoch=True, max_epochs=1000)\n'))
     work = tmp_path / 'work'
@@ -179,8 +179,10 @@ def test_sigterm_to_torchrun_stops_its_processes_with_a_checkpoint(tmp_path):
     launcher.send_signal(signal.SIGTERM)  # the launcher execs torchrun's agent
     assert launcher.wait(timeout=60) == PREEMPTED_EXIT_CODE, launcher.stderr.read()[-3000:]
     saved = (work / 'last_checkpoint').read_text()
-    iteration = torch.load(saved)['meta']['iter']
-    assert saved == str(work / f'iter_{iteration}.pth') and iteration > 6
+    meta = torch.load(saved)['meta']  # 3 iterations an epoch; a finished epoch is epoch_N
+    ended_an_epoch = meta['iter'] == 3 * meta['epoch']
+    name = f'epoch_{meta["epoch"]}.pth' if ended_an_epoch else f'iter_{meta["iter"]}.pth'
+    assert saved == str(work / name) and meta['iter'] > 6
     assert len(children) >= 4  # 2 processes, a worker each
     assert not [child for child in children if child.is_running()
                 and child.status() != psutil.STATUS_ZOMBIE]
