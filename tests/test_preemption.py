@@ -320,6 +320,9 @@ def test_a_failed_save_removes_its_partial_file_and_says_what_space_it_needed(
 
 
 def test_a_live_run_holds_the_work_dir_and_a_killed_one_does_not(tmp_path):
+    """A second training in a held work dir stops with one message and writes nothing
+    there (no checkpoint, no copy of its config over the live run's); once the holder is
+    killed, its lock file blocks nothing."""
     work = tmp_path / 'work'
     holder = subprocess.Popen(
         [sys.executable, '-c',
@@ -335,12 +338,13 @@ def test_a_live_run_holds_the_work_dir_and_a_killed_one_does_not(tmp_path):
             toy_runner(tmp_path, work).train()
         assert str(error.value).startswith(
             f'The work dir {work} is in use by another training (process {holder.pid} on ')
-        assert not list(work.glob('*.pth'))
+        assert not list(work.glob('*.pth')) and not list(work.glob('*.py'))  # no config copy
     finally:
         holder.kill()
         holder.wait()
     toy_runner(tmp_path, work).train()  # the lock file is still there, held by no one
     assert (work / '.training.lock').exists() and (work / 'epoch_3.pth').exists()
+    assert (work / 'toy.py').exists()
 
 
 def test_handlers_are_installed_while_training_only(tmp_path):

@@ -28,7 +28,8 @@ names a runner type) as well as ``tools/train.py`` and ``tools/test.py`` here. I
   :class:`~.weights_fit.WeightsMismatchError`;
 * preemption (:mod:`.preemption`): SIGTERM or SIGUSR1 saves the current iteration and
   exits with status 75;
-* one training per work dir (:mod:`.work_dir_lock`); a failed save removes its partial
+* one training per work dir (:mod:`.work_dir_lock`), which writes its config copy there
+  only once it holds it; a failed save removes its partial
   file and says how much space it needed (:mod:`.atomic_save`); data-loader workers end
   with their process (:mod:`.worker_lifetime`).
 
@@ -104,8 +105,21 @@ class ConvMLPRunner(Runner):
     def _check_data(self, sections) -> None:
         check_data(self.cfg, sections, self.cfg.filename or '')
 
+    def dump_config(self) -> None:
+        """mmengine writes ``WORK_DIR/<config>.py`` while it builds the runner, before a
+        training takes the work dir: a second training there would overwrite the live run's
+        copy. Here a training writes it once it holds the work dir, and validation and
+        testing when they start."""
+        self._config_to_dump = True
+
+    def _dump_config_once(self) -> None:
+        if getattr(self, '_config_to_dump', False):
+            self._config_to_dump = False
+            super().dump_config()
+
     def train(self):
         with hold_work_dir(self.work_dir, is_main_process()):
+            self._dump_config_once()
             self._check_data(TRAIN_SECTIONS)
             with readable_data_errors(self.cfg, TRAIN_SECTIONS), \
                     self._hook(PreemptionHook).catching_signals():
@@ -116,12 +130,14 @@ class ConvMLPRunner(Runner):
             self.register_hook(CheckWeightsFitHook())
 
     def val(self):
+        self._dump_config_once()
         self._check_data(VAL_SECTIONS)
         self._check_weights_fit()
         with readable_data_errors(self.cfg, VAL_SECTIONS):
             return super().val()
 
     def test(self):
+        self._dump_config_once()
         self._check_data(TEST_SECTIONS)
         self._check_weights_fit()
         with readable_data_errors(self.cfg, TEST_SECTIONS):
