@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import psutil
 import pytest
@@ -22,7 +23,7 @@ from mmengine.config import Config
 import toy_training
 from mmconvmlp.engine import ConvMLPRunner
 from mmconvmlp.engine.atomic_save import CheckpointSaveError
-from mmconvmlp.engine.preemption import PREEMPTED_EXIT_CODE
+from mmconvmlp.engine.preemption import PREEMPTED_EXIT_CODE, PreemptionHook
 from mmconvmlp.engine.resume_state import ResumeMismatchError
 from mmconvmlp.engine.weights_fit import WeightsMismatchError
 from mmconvmlp.engine.work_dir_lock import WorkDirBusyError
@@ -345,6 +346,20 @@ def test_a_live_run_holds_the_work_dir_and_a_killed_one_does_not(tmp_path):
     toy_runner(tmp_path, work).train()  # the lock file is still there, held by no one
     assert (work / '.training.lock').exists() and (work / 'epoch_3.pth').exists()
     assert (work / 'toy.py').exists()
+
+
+@pytest.mark.parametrize('step,last,left_out', [
+    (20, 60, True), (25, 60, False), (60, 60, True), (61, 61, True), (5, 60, False)])
+def test_the_line_names_the_validation_a_stop_leaves_out(step, last, left_out):
+    """Validation every 10 steps from step 10, and after the last: a stop after a step that
+    validates says the resume leaves that validation out; no validation loop, no words."""
+    runner = SimpleNamespace(train_loop=SimpleNamespace(val_begin=10, val_interval=10),
+                             val_loop=object())
+    words = PreemptionHook._validation_left_out(runner, step, last, 'iteration')
+    assert words == (f'; the validation after iteration {step} is left out' if left_out
+                     else '')
+    runner.val_loop = None
+    assert PreemptionHook._validation_left_out(runner, step, last, 'iteration') == ''
 
 
 def test_handlers_are_installed_while_training_only(tmp_path):

@@ -100,7 +100,8 @@ class PreemptionHook(Hook):
                 return
             at = f'epoch {runner.epoch + 1}, iteration {iteration}'
         else:
-            at = f'iteration {iteration}'
+            at = f'iteration {iteration}' + self._validation_left_out(
+                runner, iteration, runner.train_loop.max_iters, 'iteration')
         self._stop(runner, signum, f'iter_{iteration}.pth', False, at)
 
     def _ends_epoch(self, runner, batch_idx: int) -> bool:
@@ -114,12 +115,20 @@ class PreemptionHook(Hook):
         signum, self._at_epoch_end = self._at_epoch_end, 0
         if not signum:
             return
-        epoch, loop = runner.epoch + 1, runner.train_loop
-        at = f'end of epoch {epoch}, iteration {runner.iter}'
-        if runner.val_loop is not None and epoch >= loop.val_begin and (
-                epoch % loop.val_interval == 0 or epoch == loop.max_epochs):
-            at += f'; the validation after epoch {epoch} is left out'
+        epoch = runner.epoch + 1
+        at = f'end of epoch {epoch}, iteration {runner.iter}' + self._validation_left_out(
+            runner, epoch, runner.train_loop.max_epochs, 'epoch')
         self._stop(runner, signum, f'epoch_{epoch}.pth', True, at)
+
+    @staticmethod
+    def _validation_left_out(runner, step: int, last: int, unit: str) -> str:
+        """What the log line adds when the loop would validate after ``step`` (an epoch
+        or an iteration): the resume starts after it, so that validation never runs."""
+        loop = runner.train_loop
+        if runner.val_loop is None or step < loop.val_begin or (
+                step % loop.val_interval and step != last):
+            return ''
+        return f'; the validation after {unit} {step} is left out'
 
     def _stop(self, runner, signum: int, filename: str, by_epoch: bool, at: str) -> None:
         path = self._save(runner, filename, by_epoch)
