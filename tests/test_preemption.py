@@ -189,20 +189,29 @@ def test_sigterm_to_torchrun_stops_its_processes_with_a_checkpoint(tmp_path):
                 and child.status() != psutil.STATUS_ZOMBIE]
 
 
-@pytest.mark.parametrize('signal_name', ['SIGUSR1', 'SIGTERM'])
-def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path, signal_name):
+SRUN_STATUS = {  # how the fake srun ends after its one task exited
+    'as_the_task': 'exec "$@"\n',
+    # --kill-on-bad-exit killed the other tasks when this one exited with 75: 128 + 9
+    'kills_the_others': '"$@"; status=$?; [ "$status" = 75 ] && exit 137; exit "$status"\n',
+}
+
+
+@pytest.mark.parametrize('signal_name,srun', [
+    ('SIGUSR1', 'as_the_task'), ('SIGTERM', 'as_the_task'), ('SIGUSR1', 'kills_the_others')])
+def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path, signal_name, srun):
     """tools/slurm_sbatch.sh under a fake srun and scontrol: SIGUSR1 (sent, as Slurm's
     --signal does, to the training process and its worker) or SIGTERM (sent, as preemption
     does, to the batch shell too, whose trap waits for the training) saves the iteration;
-    the script requeues the job; started again as a requeued job, it resumes and
-    finishes."""
+    the script requeues the job, also when srun reports 137 for the other tasks it killed
+    (WORK_DIR/.preempted tells that the save was done); started again as a requeued job,
+    it resumes and finishes."""
     fake = tmp_path / 'bin'
     fake.mkdir()
     (fake / 'srun').write_text(
         '#!/usr/bin/env bash\n'
         'while [[ "$1" == --* ]]; do shift; done\n'
-        'SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 SLURM_NODELIST=localhost '
-        'MASTER_ADDR=127.0.0.1 exec "$@"\n')
+        'export SLURM_PROCID=0 SLURM_NTASKS=1 SLURM_LOCALID=0 SLURM_NODELIST=localhost '
+        'MASTER_ADDR=127.0.0.1\n' + SRUN_STATUS[srun])
     (fake / 'scontrol').write_text(f'#!/usr/bin/env bash\necho "$@" >> {tmp_path}/scontrol\n')
     for script in fake.iterdir():
         script.chmod(0o755)
@@ -210,20 +219,24 @@ def test_a_fake_slurm_job_requeues_itself_and_resumes(tmp_path, signal_name):
         tmp_path / 'job.py', extra=signal_hook(9, signal_name, parent=signal_name == 'SIGTERM'))
     env = dict(ENV, PATH=f'{fake}{os.pathsep}{os.environ["PATH"]}', SLURM_JOB_ID='4242',
                SLURM_SUBMIT_DIR=ROOT, MASTER_PORT=free_port())
-    cmd = ['bash', osp.join(ROOT, 'tools', 'slurm_sbatch.sh'), str(config),
-           str(tmp_path / 'work')]
+    work = tmp_path / 'work'
+    cmd = ['bash', osp.join(ROOT, 'tools', 'slurm_sbatch.sh'), str(config), str(work)]
     result = run(cmd, tmp_path, env, expect_rc=PREEMPTED_EXIT_CODE)
     trapped = 'slurm_sbatch: SIGTERM: waiting for the training to save its checkpoint'
     assert (trapped in result.stdout) == (signal_name == 'SIGTERM')
+    killed = 'slurm_sbatch: srun exited with 137 after the training saved'
+    assert (killed in result.stdout) == (srun == 'kills_the_others')
     assert (tmp_path / 'scontrol').read_text() == 'requeue 4242\n'
-    assert (tmp_path / 'work' / 'last_checkpoint').read_text().endswith('iter_9.pth')
+    assert (work / 'last_checkpoint').read_text().endswith('iter_9.pth')
+    assert (work / '.preempted').read_text() == str(work / 'iter_9.pth')
 
     result = run(cmd, tmp_path, dict(env, SLURM_RESTART_COUNT='1'))
     assert 'slurm_sbatch: requeued 1 times so far; resuming from' in result.stdout
-    log = train_log(tmp_path / 'work')
+    log = train_log(work)
     assert 'Auto resumed from the latest checkpoint' in log and 'iter_9.pth' in log
     assert log.count('Epoch(train)') == 9
     assert (tmp_path / 'scontrol').read_text() == 'requeue 4242\n'  # not again
+    assert not (work / '.preempted').exists()
 
 
 RUNS = itertools.count()

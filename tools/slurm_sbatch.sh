@@ -6,8 +6,9 @@
 # - Slurm sends SIGUSR1 to every training process 5 minutes before the time limit
 #   (--signal below; without "B:" it reaches the tasks of srun, not this shell) and SIGTERM
 #   when it preempts the job. Training then saves the iteration it is at and exits with
-#   status 75 (mmconvmlp/engine/preemption.py); after SIGUSR1 this script requeues the job
-#   (a preempting Slurm with PreemptMode=REQUEUE requeues it itself).
+#   status 75 (mmconvmlp/engine/preemption.py), writing WORK_DIR/.preempted; then this
+#   script requeues the job (a preempting Slurm with PreemptMode=REQUEUE requeues it
+#   itself).
 # - A job that starts again (requeued: SLURM_RESTART_COUNT > 0, or submitted anew) resumes
 #   from WORK_DIR/last_checkpoint when that file exists.
 # - PYTHON: the interpreter (default: .venv/bin/python of the repository, else python).
@@ -41,6 +42,10 @@ if [ -f "$work_dir/last_checkpoint" ]; then
   echo "slurm_sbatch: requeued ${SLURM_RESTART_COUNT:-0} times so far;" \
     "resuming from $(cat "$work_dir/last_checkpoint")"
 fi
+# Training writes WORK_DIR/.preempted once a signal's checkpoint is saved (and removes it
+# when it starts); a stale one must not count for this run.
+marker=$work_dir/.preempted
+rm -f "$marker"
 srun --kill-on-bad-exit=1 "$python" -u tools/train.py "$config" --work-dir "$work_dir" \
   ${resume[@]+"${resume[@]}"} "$@" --launcher slurm &
 step=$!
@@ -54,6 +59,13 @@ done
 # The training's own exit status (bash keeps it), not that of a wait a trap cut short.
 wait "$step"
 status=$?
+# --kill-on-bad-exit ends the other tasks once the first exits with 75, and srun then
+# reports 128 + the signal that ended them: the marker tells that the save was done.
+if [ "$status" -ne 0 ] && [ "$status" -ne 75 ] && [ -f "$marker" ]; then
+  echo "slurm_sbatch: srun exited with $status after the training saved $(cat "$marker")" \
+    "for a signal (srun ended the other tasks as the first exited with 75); treating it as 75"
+  status=75
+fi
 
 if [ "$status" -eq 75 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
   echo "slurm_sbatch: training stopped for a signal and saved; requeueing job $SLURM_JOB_ID"

@@ -16,7 +16,12 @@ signal came:
   After the last iteration of an epoch, the epoch's end runs first (the schedulers' step,
   the checkpoint hook) and ``epoch_N.pth`` is saved instead, so that the resume starts the
   next epoch; a validation due after that epoch is left out, and the log line says so;
-* one log line says why, and every process exits with :data:`PREEMPTED_EXIT_CODE`.
+* one log line says why, rank 0 writes the checkpoint's path to ``WORK_DIR/.preempted``
+  (:data:`PREEMPTED_MARKER`), and every process exits with :data:`PREEMPTED_EXIT_CODE`.
+
+The marker is for job scripts that cannot rely on the exit status: ``srun
+--kill-on-bad-exit`` ends the other tasks once the first exits with 75, and then reports
+128 + the signal that ended them. Training removes the marker when it starts.
 
 ``--resume`` continues from that iteration (:mod:`.resume_state`). Another signal during
 the save changes nothing; a signal during validation is acted on after the next training
@@ -24,6 +29,7 @@ iteration. DataLoader workers ignore these signals (:mod:`.worker_lifetime`).
 """
 import contextlib
 import logging
+import os
 import os.path as osp
 import signal
 import threading
@@ -41,6 +47,9 @@ from .worker_lifetime import PREEMPTION_SIGNALS
 #: The exit status of a training stopped by a preemption signal after saving its
 #: checkpoint (EX_TEMPFAIL of sysexits.h: "try again later"); a failure exits with 1.
 PREEMPTED_EXIT_CODE = 75
+
+#: In the work dir: the path of the checkpoint that a preempted training saved last.
+PREEMPTED_MARKER = '.preempted'
 
 
 class TrainingPreempted(SystemExit):
@@ -130,8 +139,15 @@ class PreemptionHook(Hook):
             return ''
         return f'; the validation after {unit} {step} is left out'
 
+    def before_train(self, runner) -> None:
+        marker = osp.join(runner.work_dir, PREEMPTED_MARKER)
+        if is_main_process() and osp.exists(marker):
+            os.remove(marker)
+
     def _stop(self, runner, signum: int, filename: str, by_epoch: bool, at: str) -> None:
         path = self._save(runner, filename, by_epoch)
+        if is_main_process():
+            write_text(osp.join(runner.work_dir, PREEMPTED_MARKER), path)
         barrier()
         print_log(f'{signal.Signals(signum).name} received: saved {path} ({at}) and stopping '
                   f'with exit code {PREEMPTED_EXIT_CODE}; train with --resume to continue '
