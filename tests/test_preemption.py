@@ -189,6 +189,18 @@ def test_sigterm_to_torchrun_stops_its_processes_with_a_checkpoint(tmp_path):
                 and child.status() != psutil.STATUS_ZOMBIE]
 
 
+def test_torchrun_ending_a_slow_process_after_a_preemption_still_exits_with_75(tmp_path):
+    """Rank 1 signalled after iteration 4; rank 0 takes 5 s more to end after the save, so
+    torchrun, seeing rank 1 exit with 75, ends it with SIGTERM: the launcher still exits
+    with 75 (both processes agreed and the checkpoint was saved before either exited)."""
+    hooks = ("custom_hooks = [dict(type='SignalAfterIteration', iteration=4, "
+             "ranks=(1,)), dict(type='SlowExit', seconds=5, ranks=(0,))]\n")
+    config = toy_training.write_config(tmp_path / 'slow.py', num_workers=0, extra=hooks)
+    result = train(config, tmp_path / 'work', processes=2, expect_rc=PREEMPTED_EXIT_CODE)
+    assert 'closing signal SIGTERM' in result.stderr  # torchrun ended rank 0
+    assert (tmp_path / 'work' / 'last_checkpoint').read_text().endswith('iter_4.pth')
+
+
 SRUN_STATUS = {  # how the fake srun ends after its one task exited
     'as_the_task': 'exec "$@"\n',
     # --kill-on-bad-exit killed the other tasks when this one exited with 75: 128 + 9

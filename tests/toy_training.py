@@ -5,9 +5,11 @@ process after a given iteration. Every random draw shows in the final weights, s
 that restores less than everything ends with other weights.
 
 :func:`write_config` writes its config file."""
+import atexit
 import os
 import random
 import signal
+import time
 
 import numpy as np
 import psutil
@@ -88,6 +90,20 @@ class SignalAfterIteration(Hook):
     def before_save_checkpoint(self, runner, checkpoint):
         if self.sent and self.again_while_saving:
             self._send()
+
+
+@HOOKS.register_module()
+class SlowExit(Hook):
+    """The processes of ``ranks`` take ``seconds`` more to end once training is over (an
+    exit handler sleeps), as a process tearing down CUDA and NCCL may."""
+
+    def __init__(self, seconds, ranks=(0,)):
+        self.seconds = seconds
+        self.ranks = ranks
+
+    def before_train(self, runner):
+        if runner.rank in self.ranks:
+            atexit.register(time.sleep, self.seconds)
 
 
 def write_config(path, by_epoch=True, num_workers=1, length=12, batch_size=2,

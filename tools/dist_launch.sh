@@ -36,7 +36,10 @@ PREEMPTED = 75  # mmconvmlp.engine.preemption.PREEMPTED_EXIT_CODE
 try:
     run(parse_args(sys.argv[1:]))
 except ChildFailedError as error:
-    if {failure.exitcode for failure in error.failures.values()} != {PREEMPTED}:
+    # A process exits with 75 only after all of them agreed to stop and the checkpoint was
+    # saved; torchrun then ends those still shutting down (SIGTERM, SIGKILL 30 s later).
+    codes = {failure.exitcode for failure in error.failures.values()}
+    if PREEMPTED not in codes or codes - {PREEMPTED, -signal.SIGTERM, -signal.SIGKILL}:
         raise
     sys.exit(PREEMPTED)
 except SignalException as error:  # torchrun passed the signal on and its processes ended
