@@ -3,6 +3,7 @@ on every loading path, refused and unreadable files, the backbone from a detecto
 checkpoint, ConvMLPRunner's checkpoints on a toy model, launcher and option errors. The
 runner with the configs and the tools end to end is in test_tools.py."""
 import glob
+import os
 import os.path as osp
 import subprocess
 import sys
@@ -270,3 +271,22 @@ def test_every_config_names_the_runner():
     assert len(paths) >= 12
     assert {osp.basename(p): Config.fromfile(p).get('runner_type') for p in paths} == \
         {osp.basename(p): 'ConvMLPRunner' for p in paths}
+
+
+def test_the_cpu_process_group_ends_before_the_interpreter():
+    """The gloo group started for CPU processes is destroyed at exit, before the
+    interpreter's teardown, where a gloo thread freeing a collective's tensors aborts the
+    process."""
+    from test_tools import free_port
+    script = ('import atexit\n'
+              'import torch.distributed as dist\n'
+              "atexit.register(lambda: print('at exit:', dist.is_initialized()))\n"
+              'from mmengine.config import Config\n'
+              'from mmconvmlp.engine.cpu_processes import setup_cpu_distributed\n'
+              "print('set up:', setup_cpu_distributed(Config(), 'pytorch'), "
+              'dist.get_backend())\n')
+    env = dict(os.environ, PYTHONPATH=ROOT, RANK='0', LOCAL_RANK='0', WORLD_SIZE='1',
+               MASTER_ADDR='127.0.0.1', MASTER_PORT=free_port(), CUDA_VISIBLE_DEVICES='')
+    result = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                            text=True, timeout=120)
+    assert result.stdout == 'set up: True gloo\nat exit: False\n', result.stderr[-2000:]

@@ -98,6 +98,51 @@ def test_a_signal_saves_the_iteration_and_the_resume_ends_as_uninterrupted(
     assert_same_weights(tmp_path / 'whole' / last, tmp_path / 'run' / last)
 
 
+@pytest.mark.parametrize('by_epoch,val_interval,after,saved,at', [
+    (False, 6, 12, 'iter_12.pth', 'during the validation after iteration 12'),
+    (True, 1, 12, 'epoch_2.pth', 'during the validation after epoch 2'),
+    (False, 4, 8, 'iter_9.pth', None)],
+    ids=['checkpoint_before_it', 'by_epoch', 'no_checkpoint_before_it'])
+def test_a_signal_during_validation(tmp_path, by_epoch, val_interval, after, saved, at):
+    """A checkpoint every 6 iterations (every epoch of 6), the signal after batch 2 of 4 of
+    the validation after iteration ``after``. Where the checkpoint just saved holds the
+    training as it is, the validation stops there, at once. Validating every 4, no
+    checkpoint holds iteration 8: its validation ends, and the next iteration is saved.
+    Either resume ends with the weights of an uninterrupted run."""
+    signal_in_validation = ("custom_hooks = [dict(type='SignalDuringValidation', "
+                            f"iteration={after}, batch=2)]\n")
+    whole, signalled = (toy_training.write_config(
+        tmp_path / f'{name}.py', by_epoch, val_interval=val_interval, extra=extra)
+        for name, extra in (('whole', ''), ('signalled', signal_in_validation)))
+    train(whole, tmp_path / 'whole')
+    train(signalled, tmp_path / 'run', expect_rc=PREEMPTED_EXIT_CODE)
+    log = train_log(tmp_path / 'run')
+    at = (f'{at}, which it holds; the rest of that validation is left out' if at
+          else 'iteration 9')
+    assert (f'SIGTERM received: saved {tmp_path / "run" / saved} ({at}) and stopping') in log
+    assert (tmp_path / 'run' / 'last_checkpoint').read_text() == str(tmp_path / 'run' / saved)
+    validated = re.findall(r'\(val\) (?:\[\d\])?\[(\d)/4\] +eta', log)  # a line a batch
+    assert validated[-4:] == list('1234' if saved == 'iter_9.pth' else '3412')
+
+    train(whole, tmp_path / 'run', '--resume')
+    last = 'epoch_3.pth' if by_epoch else 'iter_18.pth'
+    assert_same_weights(tmp_path / 'whole' / last, tmp_path / 'run' / last)
+
+
+def test_two_processes_stop_in_validation_together(tmp_path):
+    """Two processes (3 iterations an epoch, 2 validation batches each): rank 1 alone
+    signalled in the validation after epoch 2; both stop there, exit code 75 from the
+    launcher, with epoch_2.pth as the resume point."""
+    config = toy_training.write_config(
+        tmp_path / 'two.py', num_workers=0, val_interval=1,
+        extra=("custom_hooks = [dict(type='SignalDuringValidation', iteration=6, batch=1, "
+               "ranks=(1,))]\n"))
+    train(config, tmp_path / 'work', processes=2, expect_rc=PREEMPTED_EXIT_CODE)
+    saved = tmp_path / 'work' / 'epoch_2.pth'
+    assert (tmp_path / 'work' / 'last_checkpoint').read_text() == str(saved)
+    assert f'saved {saved} (during the validation after epoch 2,' in train_log(tmp_path / 'work')
+
+
 def test_a_signal_after_an_epochs_last_iteration_saves_the_epoch(tmp_path):
     """The signal comes after iteration 9 (mid epoch 2), then, in the resumed epoch, after
     iteration 12, its last, with a checkpoint every 3 epochs: the epoch's end runs and

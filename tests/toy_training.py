@@ -9,6 +9,7 @@ import atexit
 import os
 import random
 import signal
+import subprocess
 import time
 
 import numpy as np
@@ -17,7 +18,8 @@ import torch
 from mmengine.hooks import Hook
 from mmengine.model import BaseModel
 from mmengine.dataset import BaseDataset
-from mmengine.registry import DATASETS, HOOKS, MODELS
+from mmengine.evaluator import BaseMetric
+from mmengine.registry import DATASETS, HOOKS, METRICS, MODELS
 
 
 @MODELS.register_module()
@@ -75,9 +77,11 @@ class SignalAfterIteration(Hook):
         self.sent = False
 
     def _send(self):
-        if self.signal != signal.SIGKILL:  # (after SIGKILL the workers die with the process)
-            for child in psutil.Process().children(recursive=True):
-                os.kill(child.pid, self.signal)
+        children = [str(child.pid) for child in psutil.Process().children(recursive=True)]
+        if children and self.signal != signal.SIGKILL:  # (those die with the process)
+            # from another process, as Slurm's: a worker takes the main process's SIGTERM
+            # as the order to exit
+            subprocess.run(['kill', f'-{self.signal.name[3:]}', *children], check=True)
         if self.parent:
             os.kill(os.getppid(), self.signal)
         os.kill(os.getpid(), self.signal)
@@ -91,6 +95,36 @@ class SignalAfterIteration(Hook):
         if self.sent and self.again_while_saving:
             self._send()
 
+
+
+@HOOKS.register_module()
+class SignalDuringValidation(SignalAfterIteration):
+    """Sends the signal after batch ``batch`` (counted from 1) of the validation that
+    follows training iteration ``iteration``."""
+
+    def __init__(self, iteration, batch, **kwargs):
+        super().__init__(iteration, **kwargs)
+        self.batch = batch
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        pass
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if (runner.iter, batch_idx + 1) == (self.iteration, self.batch) \
+                and runner.rank in self.ranks:
+            self._send()
+
+
+@METRICS.register_module()
+class ToyError(BaseMetric):
+    """The mean squared error of the toy model's predictions."""
+
+    def process(self, data_batch, data_samples):
+        errors = (torch.cat(list(data_samples)) - data_batch['targets']).pow(2)
+        self.results.extend(errors.tolist())
+
+    def compute_metrics(self, results):
+        return dict(error=sum(results) / len(results))
 
 @HOOKS.register_module()
 class SlowExit(Hook):
@@ -107,9 +141,10 @@ class SlowExit(Hook):
 
 
 def write_config(path, by_epoch=True, num_workers=1, length=12, batch_size=2,
-                 extra=''):
+                 extra='', val_interval=0):
     """A config of the toy training: 3 epochs (or 18 iterations of an infinite sampler),
-    batch ``batch_size``, seed 0, a checkpoint every epoch (or every 6 iterations)."""
+    batch ``batch_size``, seed 0, a checkpoint every epoch (or every 6 iterations); with
+    ``val_interval``, a validation of 4 batches of 2 every so many epochs (iterations)."""
     loop = ("train_cfg = dict(by_epoch=True, max_epochs=3)\n"
             "checkpoint = dict(type='CheckpointHook', interval=1)\n"
             "sampler = dict(type='DefaultSampler', shuffle=True)\n") if by_epoch else (
@@ -117,6 +152,14 @@ def write_config(path, by_epoch=True, num_workers=1, length=12, batch_size=2,
         "checkpoint = dict(type='CheckpointHook', by_epoch=False, interval=6)\n"
         "sampler = dict(type='InfiniteSampler', shuffle=True)\n"
         "log_processor = dict(by_epoch=False)\n")
+    if val_interval:
+        loop += (
+            f"train_cfg.update(val_interval={val_interval})\n"
+            "val_dataloader = dict(batch_size=2, num_workers=0, sampler=dict("
+            "type='DefaultSampler', shuffle=False), collate_fn=dict(type='default_collate'), "
+            "dataset=dict(type='NoisyToyDataset', length=8))\n"
+            "val_cfg = dict()\n"
+            "val_evaluator = dict(type='ToyError')\n")
     path.write_text(
         "custom_imports = dict(imports=['mmconvmlp', 'toy_training'], "
         "allow_failed_imports=False)\n"

@@ -24,8 +24,11 @@ The marker is for job scripts that cannot rely on the exit status: ``srun
 128 + the signal that ended them. Training removes the marker when it starts.
 
 ``--resume`` continues from that iteration (:mod:`.resume_state`). Another signal during
-the save changes nothing; a signal during validation is acted on after the next training
-iteration. DataLoader workers ignore these signals (:mod:`.worker_lifetime`).
+the save changes nothing. A signal during a validation inside training stops it after the
+current batch when the checkpoint saved just before holds the training as it is (the
+checkpoint and validation intervals agree, as in the shipped configs): that checkpoint is
+the resume point, and nothing new is saved. Otherwise it is acted on after the next
+training iteration. DataLoader workers ignore these signals (:mod:`.worker_lifetime`).
 """
 import contextlib
 import logging
@@ -33,6 +36,7 @@ import os
 import os.path as osp
 import signal
 import threading
+from typing import Optional
 
 import torch
 from mmengine.dist import all_reduce, barrier, get_world_size, is_main_process
@@ -68,6 +72,9 @@ class PreemptionHook(Hook):
     def __init__(self):
         self._received = 0  # the first signal received while training, 0 before one
         self._at_epoch_end = 0  # a signal agreed on after an epoch's last iteration
+        self._catching = False  # inside catching_signals, handlers installed
+        self._checkpoint_at = (-1, None)  # (training iterations, path) of the last one saved
+        self._stop_in_validation = False  # this validation may stop at a signal
 
     @contextlib.contextmanager
     def catching_signals(self):
@@ -80,12 +87,14 @@ class PreemptionHook(Hook):
             yield
             return
         previous = {sig: signal.signal(sig, self._on_signal) for sig in PREEMPTION_SIGNALS}
+        self._catching = True
         try:
             yield
         finally:
             for sig, handler in previous.items():  # None: set outside Python, not restorable
                 signal.signal(sig, signal.SIG_DFL if handler is None else handler)
             self._received = self._at_epoch_end = 0
+            self._catching = False
 
     def _on_signal(self, signum, frame) -> None:
         self._received = self._received or signum
@@ -99,6 +108,7 @@ class PreemptionHook(Hook):
         return int(flag.item())
 
     def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        self._note_checkpoint(runner, runner.iter + 1)
         signum = self._agreed_signal()
         if not signum:
             return
@@ -121,6 +131,7 @@ class PreemptionHook(Hook):
         return self.end_of_epoch(runner.train_dataloader, batch_idx) if ended is None else ended
 
     def after_train_epoch(self, runner) -> None:
+        self._note_checkpoint(runner, runner.iter)
         signum, self._at_epoch_end = self._at_epoch_end, 0
         if not signum:
             return
@@ -139,13 +150,54 @@ class PreemptionHook(Hook):
             return ''
         return f'; the validation after {unit} {step} is left out'
 
+    def _note_checkpoint(self, runner, iterations: int) -> None:
+        """Remember the checkpoint hook's save of this step, if it made one (it runs
+        before this hook and names every save in ``last_ckpt``)."""
+        path = runner.message_hub.get_info('last_ckpt')
+        if path is not None and path != self._checkpoint_at[1]:
+            self._checkpoint_at = (iterations, path)
+
+    def before_val_epoch(self, runner) -> None:
+        """A validation inside training may stop at a signal when the last checkpoint holds
+        the training as it is (the checkpoint and validation intervals agree) and, with
+        several processes, all have as many validation iterations (else they could not
+        agree on the iteration to stop at)."""
+        self._stop_in_validation = self._catching and self._checkpoint_at[0] == runner.iter
+        if self._stop_in_validation and get_world_size() > 1:
+            length = len(runner.val_loop.dataloader)
+            lengths = torch.tensor([length, -length], dtype=torch.int64)
+            all_reduce(lengths, op='max')
+            self._stop_in_validation = int(lengths[0]) == -int(lengths[1])
+
+    def after_val_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        if not self._stop_in_validation:
+            return
+        signum = self._agreed_signal()
+        if not signum:
+            return
+        after = (f'iteration {runner.iter}' if isinstance(runner.train_loop, IterBasedTrainLoop)
+                 else f'epoch {runner.epoch}')
+        self._stop(runner, signum, None, False, f'during the validation after {after}, which '
+                   'it holds; the rest of that validation is left out')
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        self._stop_in_validation = False
+
     def before_train(self, runner) -> None:
+        # (a resumed message hub names the checkpoint before the one resumed from)
+        self._checkpoint_at = (-1, runner.message_hub.get_info('last_ckpt'))
         marker = osp.join(runner.work_dir, PREEMPTED_MARKER)
         if is_main_process() and osp.exists(marker):
             os.remove(marker)
 
-    def _stop(self, runner, signum: int, filename: str, by_epoch: bool, at: str) -> None:
-        path = self._save(runner, filename, by_epoch)
+    def _stop(self, runner, signum: int, filename: Optional[str], by_epoch: bool,
+              at: str) -> None:
+        """Save ``filename`` (None: the last checkpoint holds this state), write the
+        marker, log the line and end the process."""
+        if filename is None:
+            path = self._checkpoint_at[1]
+        else:
+            path = self._save(runner, filename, by_epoch)
         if is_main_process():
             write_text(osp.join(runner.work_dir, PREEMPTED_MARKER), path)
         barrier()
