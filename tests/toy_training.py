@@ -96,7 +96,6 @@ class SignalAfterIteration(Hook):
             self._send()
 
 
-
 @HOOKS.register_module()
 class SignalDuringValidation(SignalAfterIteration):
     """Sends the signal after batch ``batch`` (counted from 1) of the validation that
@@ -125,6 +124,7 @@ class ToyError(BaseMetric):
 
     def compute_metrics(self, results):
         return dict(error=sum(results) / len(results))
+
 
 @HOOKS.register_module()
 class SlowExit(Hook):
